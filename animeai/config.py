@@ -1,0 +1,281 @@
+"""Layered, frozen configuration: dataclass defaults -> YAML file -> command-line overrides.
+
+Every task config is a frozen dataclass made of sections (``data``, ``model``, ``optim``, ``run`` ...).
+Each leaf field carries its ``--flag`` help text in ``field(metadata={"help": ...})`` so the CLI
+builds its options (and ``--help``) from the config itself; nothing is declared twice.
+The resolved config is saved beside every run (``config.yaml``) and inside every model file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """A config file, key or value that cannot be used."""
+
+
+def opt(default: Any, help: str, flag: str | None = None, choices: tuple[str, ...] | None = None) -> Any:
+    """A config field with its command-line help (and an optional explicit ``--flag`` name)."""
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
+
+
+def section(cls: type) -> Any:
+    return field(default_factory=cls)
+
+
+# --------------------------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = opt(
+        "data/all_characters",
+        "Folder of character folders (<root>/<character>/*.jpg, folder name = label), or with train/ and val/ inside.",
+        flag="data",
+    )
+    val_root: str | None = opt(None, "Separate validation folder (same layout); overrides the split.", flag="val-data")
+    val_fraction: float = opt(0.2, "Fraction of each class held out for validation when there is no val/ folder.")
+    split_seed: int = opt(0, "Seed of the stratified train/val split (the split is saved in the run folder).")
+    image_size: int = opt(224, "Side of the square network input, in pixels.")
+    strict: bool = opt(False, "Fail on the first unreadable image instead of reporting and skipping it.")
+    max_image_pixels: int = opt(50_000_000, "Refuse images with more pixels than this (decompression-bomb guard).")
+    num_workers: int = opt(2, "DataLoader worker processes (0 = load in the main process).")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    rotation: float = opt(15.0, "Random rotation range in degrees (+-), train only. 0 disables.")
+    hflip: float = opt(0.5, "Probability of a horizontal flip, train only.")
+    color_jitter: float = opt(0.2, "Brightness/contrast/saturation jitter strength (hue gets a quarter). 0 disables.")
+    crop_scale: float = opt(1.0, "Minimum area of a random resized crop (1.0 = plain resize, no crop).")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = opt("efficientnet_b0", "Backbone from the model registry (see `animeai models`).", flag="model")
+    pretrained: str = opt(
+        "auto",
+        "Where ImageNet weights come from: auto | hub | package | none | PATH to a weights file "
+        "(.safetensors, .pth state dict, or an animeai model file). auto = offline package if the backbone "
+        "has one installed, else the hub.",
+    )
+    drop_rate: float = opt(0.2, "Dropout before the classifier head.")
+    freeze_stages: int = opt(
+        0, "Freeze the stem and the first N backbone stages (weights and batch-norm statistics): faster on CPU, "
+        "less over-fitting on small data. 0 = train everything."
+    )
+    channels_last: bool = opt(True, "Use channels-last memory format (faster convolutions on CPU and GPU).")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    batch_size: int = opt(32, "Images per batch per process.")
+    lr: float = opt(1e-3, "Peak learning rate of AdamW.")
+    weight_decay: float = opt(0.05, "AdamW weight decay.")
+    warmup_epochs: float = opt(0.0, "Linear learning-rate warm-up length in epochs before the cosine decay.")
+    min_lr: float = opt(1e-6, "Learning rate at the end of the cosine schedule.")
+    label_smoothing: float = opt(0.1, "Label smoothing of the cross-entropy loss.")
+    grad_clip: float = opt(0.0, "Clip the gradient norm to this value (0 = off).")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    epochs: int = opt(10, "Number of training epochs.")
+    seed: int = opt(42, "Random seed (weights init, shuffling, augmentation).")
+    grad_accum: int = opt(1, "Gradient accumulation steps (effective batch = batch_size * grad_accum * processes).")
+    mixed_precision: str = opt(
+        "auto", "Mixed precision: auto (bf16/fp16 on GPU, off on CPU) | no | fp16 | bf16.",
+        choices=("auto", "no", "fp16", "bf16"),
+    )
+    cpu: bool = opt(False, "Train on the CPU even if a GPU is present.")
+    out: str = opt("models/character_classifier.pth", "Where the best model file is written.")
+    run_dir: str | None = opt(None, "Folder for resume state, metrics.jsonl, config.yaml (default: runs/<out name>).")
+    resume: bool = opt(False, "Continue the run in run_dir from its last completed epoch.")
+    max_steps_per_epoch: int = opt(0, "Stop each epoch after this many batches (0 = full epoch; for smoke tests).")
+    progress: bool = opt(True, "Show a progress bar (main process only).")
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Character classifier: pretrained backbone + new head, cross-entropy, AdamW, cosine schedule."""
+
+    data: DataConfig = section(DataConfig)
+    augment: AugmentConfig = section(AugmentConfig)
+    model: ModelConfig = section(ModelConfig)
+    optim: OptimConfig = section(OptimConfig)
+    run: RunConfig = section(RunConfig)
+
+
+# --------------------------------------------------------------------------------------------- plumbing
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_section(tp: Any) -> bool:
+    return dataclasses.is_dataclass(tp)
+
+
+def _leaf_type(tp: Any) -> type:
+    """``int`` for ``int``, ``str`` for ``str | None`` (the non-None member of an optional)."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        members = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(members) != 1:
+            raise TypeError(f"unsupported config type {tp}")
+        return members[0]
+    return tp
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    optional = _leaf_type(tp) is not tp
+    base = _leaf_type(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"config key '{key}' may not be null")
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise ConfigError(f"config key '{key}' must be true/false, got {value!r}")
+    try:
+        if base is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError("not a whole number")
+        return base(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"config key '{key}' must be {base.__name__}, got {value!r} ({exc})") from None
+
+
+def from_dict(cls: type[C], data: dict[str, Any] | None, *, prefix: str = "") -> C:
+    """Build a (nested) config from a plain dict, rejecting unknown keys with the list of known ones."""
+    data = dict(data or {})
+    hints = _hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if f.name not in data:
+            continue
+        value = data.pop(f.name)
+        tp = hints[f.name]
+        if _is_section(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config section '{key}' must be a mapping, got {type(value).__name__}")
+            kwargs[f.name] = from_dict(tp, value, prefix=f"{key}.")
+        else:
+            kwargs[f.name] = _coerce(value, tp, key)
+    if data:
+        known = ", ".join(f"{prefix}{f.name}" for f in dataclasses.fields(cls))
+        unknown = ", ".join(f"'{prefix}{k}'" for k in data)
+        raise ConfigError(f"unknown config key(s) {unknown}; known keys here: {known}")
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def with_overrides(cfg: C, overrides: dict[str, Any]) -> C:
+    """Return a copy of ``cfg`` with dotted-key overrides applied, e.g. ``{"optim.lr": 3e-4}``."""
+    data = to_dict(cfg)
+    for dotted, value in overrides.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            if not isinstance(node.get(p), dict):
+                raise ConfigError(f"unknown config section '{p}' in '{dotted}'")
+            node = node[p]
+        if leaf not in node:
+            raise ConfigError(f"unknown config key '{dotted}'")
+        node[leaf] = value
+    return from_dict(type(cfg), data)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> C:
+    """Defaults -> YAML file (if given) -> dotted overrides."""
+    cfg = cls()
+    if path is not None:
+        try:
+            cfg = from_dict(cls, load_yaml(path))
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    return with_overrides(cfg, overrides or {})
+
+
+def save_config(cfg: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def iter_leaves(cls: type, prefix: str = ""):
+    """Yield ``(dotted_key, field, type)`` for every leaf field of a nested config class."""
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if _is_section(tp):
+            yield from iter_leaves(tp, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f, tp
+
+
+def flag_name(dotted: str, f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or dotted.rsplit(".", 1)[-1].replace("_", "-")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one ``--flag`` per config leaf; unset flags leave the YAML/default value alone."""
+    seen: dict[str, str] = {}
+    for section_name in [f.name for f in dataclasses.fields(cls)]:
+        group = parser.add_argument_group(f"{section_name} options")
+        for dotted, f, tp in iter_leaves(cls):
+            if not dotted.startswith(section_name + "."):
+                continue
+            name = flag_name(dotted, f)
+            if name in seen:
+                raise TypeError(f"flag --{name} is used by both {seen[name]} and {dotted}")
+            seen[name] = dotted
+            default = f.default
+            help_text = f"{f.metadata.get('help', '')} (default: {default})"
+            kwargs: dict[str, Any] = dict(dest=dotted, default=argparse.SUPPRESS, help=help_text)
+            base = _leaf_type(tp)
+            if base is bool:
+                group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, **kwargs)
+                continue
+            if f.metadata.get("choices"):
+                kwargs["choices"] = f.metadata["choices"]
+            metavar = {int: "N", float: "X"}.get(base, name.upper().replace("-", "_"))
+            group.add_argument(f"--{name}", type=base, metavar=metavar, **kwargs)
+
+
+def config_from_args(cls: type[C], args: argparse.Namespace, config_path: str | Path | None = None) -> C:
+    overrides = {dotted: getattr(args, dotted) for dotted, _, _ in iter_leaves(cls) if hasattr(args, dotted)}
+    return load_config(cls, config_path, overrides)

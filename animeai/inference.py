@@ -1,0 +1,116 @@
+"""Load a classifier model file and run it: predictions for files/folders, metrics for a labelled folder."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from animeai.checkpoint import CheckpointError, read_model_file, require_keys
+from animeai.data.folder import ImageFolderDataset, _visible, has_train_val, scan_folder
+from animeai.data.images import IMAGE_EXTENSIONS, ImageError, load_image
+from animeai.data.transforms import eval_transform
+from animeai.metrics import classification_report
+from animeai.models import create_model
+
+CLASSIFIER_KEYS = ("arch", "class_names", "image_size", "mean", "std")
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Classifier:
+    """A trained character classifier with everything needed to preprocess its inputs."""
+
+    def __init__(self, model: torch.nn.Module, meta: dict[str, Any], device: torch.device):
+        self.model = model.to(device, memory_format=torch.channels_last).eval()
+        self.meta = meta
+        self.device = device
+        self.class_names: list[str] = list(meta["class_names"])
+        self.image_size = int(meta["image_size"])
+        self.transform = eval_transform(self.image_size, meta["mean"], meta["std"])
+
+    @classmethod
+    def from_file(cls, path: str | Path, device: str | None = None) -> Classifier:
+        tensors, meta = read_model_file(path)
+        require_keys(meta, CLASSIFIER_KEYS, path)
+        if meta.get("kind", "classifier") != "classifier":
+            raise CheckpointError(f"{path}: holds a '{meta.get('kind')}' model, not a classifier")
+        model = create_model(meta["arch"], num_classes=len(meta["class_names"]), pretrained="none")
+        try:
+            model.load_state_dict(tensors, strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{path}: weights do not match architecture {meta['arch']}: "
+                                  f"{str(exc).splitlines()[0]}") from None
+        return cls(model, meta, pick_device(device))
+
+    @torch.no_grad()
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.model(batch.to(self.device)).float().cpu()
+
+    def _loader(self, dataset: Dataset, batch_size: int, num_workers: int) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+    def predict_paths(self, paths: Sequence[Path], top_k: int = 5, batch_size: int = 32) -> list[dict[str, Any]]:
+        """One dict per path: ``{"path", "top_k": [{"class", "prob"}...]}`` or ``{"path", "error"}``."""
+        k = max(1, min(top_k, len(self.class_names)))
+        results: list[dict[str, Any]] = []
+        batch: list[tuple[int, torch.Tensor]] = []
+
+        def flush():
+            if not batch:
+                return
+            probs = self.logits(torch.stack([t for _, t in batch])).softmax(dim=1)
+            values, idx = probs.topk(k, dim=1)
+            for (slot, _), v, ix in zip(batch, values, idx):
+                results[slot]["top_k"] = [{"class": self.class_names[i], "prob": round(float(p), 6)}
+                                          for p, i in zip(v.tolist(), ix.tolist())]
+            batch.clear()
+
+        for path in paths:
+            results.append({"path": str(path)})
+            try:
+                img = load_image(path, draft_size=self.image_size)
+            except ImageError as exc:
+                results[-1]["error"] = exc.reason
+                continue
+            batch.append((len(results) - 1, self.transform(img)))
+            if len(batch) >= batch_size:
+                flush()
+        flush()
+        return results
+
+    def evaluate_folder(self, root: str | Path, batch_size: int = 32, num_workers: int = 0) -> dict[str, Any]:
+        """Metrics on a labelled folder (class folders named like the model's classes)."""
+        root = Path(root)
+        if has_train_val(root):
+            root = root / "val"
+        scan = scan_folder(root, self.class_names, require_all_classes=False)
+        ds = ImageFolderDataset(scan.samples, self.transform, draft_size=self.image_size)
+        logits, targets = [], []
+        for images, labels in self._loader(ds, batch_size, num_workers):
+            logits.append(self.logits(images))
+            targets.append(labels)
+        report = classification_report(torch.cat(logits), torch.cat(targets), self.class_names)
+        report["data"] = str(root)
+        report["skipped"] = [str(e) for e in scan.errors]
+        return report
+
+
+def expand_paths(inputs: Iterable[str | Path]) -> list[Path]:
+    """Files as given; folders expanded (recursively, sorted) to the image files inside."""
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+                          and all(_visible(part) for part in f.relative_to(p).parts))
+        else:
+            out.append(p)
+    return out

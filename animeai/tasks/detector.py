@@ -1,0 +1,143 @@
+"""Detector: the character classifier (pretrained backbone + new ``num_classes`` head)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from animeai.config import DetectorConfig
+from animeai.data.folder import EpochShuffleSampler, ImageFolderDataset, build_splits, report_skipped
+from animeai.data.transforms import eval_transform, train_transform
+from animeai.metrics import topk_correct
+from animeai.models import create_model, get_model_spec
+from animeai.models.registry import freeze_stages, set_frozen_eval
+from animeai.tasks.base import Task
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with no weight decay on biases and norm parameters (1-D tensors)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def make_cosine_scheduler(optimizer, total_steps: int, warmup_steps: int, min_lr: float):
+    """CosineAnnealingLR over the steps after an optional linear warm-up."""
+    warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup_steps),
+                                                        eta_min=min_lr)
+    if warmup_steps <= 0:
+        return cosine
+    warm = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1e-3, end_factor=1.0, total_iters=warmup_steps)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, [warm, cosine], milestones=[warmup_steps])
+
+
+class DetectorTask(Task):
+    name = "detector"
+    monitor = "val_top1"
+    monitor_mode = "max"
+
+    def __init__(self, cfg: DetectorConfig):
+        super().__init__(cfg)
+        self.class_names: list[str] = []
+        self.pretrained_source = "none"
+
+    def setup(self, accelerator) -> None:
+        cfg = self.cfg
+        d, a = cfg.data, cfg.augment
+        splits = build_splits(d.root, val_root=d.val_root, val_fraction=d.val_fraction, split_seed=d.split_seed,
+                              strict=d.strict, max_pixels=d.max_image_pixels)
+        if accelerator.is_main_process:
+            report_skipped(splits.skipped)
+            run_dir = Path(cfg.run.run_dir) if cfg.run.run_dir else Path("runs") / Path(cfg.run.out).stem
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "split.json").write_text(json.dumps({
+                "layout": splits.layout, "class_names": splits.class_names,
+                "train": [[str(p), y] for p, y in splits.train], "val": [[str(p), y] for p, y in splits.val],
+                "skipped": [str(e) for e in splits.skipped],
+            }, ensure_ascii=False, indent=0), encoding="utf-8")
+            accelerator.print(f"data: {len(splits.class_names)} classes, {len(splits.train)} train / "
+                              f"{len(splits.val)} val images ({splits.layout})")
+        if not splits.val:
+            raise ValueError(f"{d.root}: no validation images; add a val/ folder or set --val-fraction > 0")
+        self.class_names = splits.class_names
+        spec = get_model_spec(cfg.model.arch)
+        model = create_model(cfg.model.arch, len(self.class_names), pretrained=cfg.model.pretrained,
+                             drop_rate=cfg.model.drop_rate)
+        self.pretrained_source = model.animeai_pretrained_source
+        freeze_stages(model, cfg.model.freeze_stages)
+        if cfg.model.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.mean, self.std = spec.mean, spec.std
+        size = d.image_size
+        train_ds = ImageFolderDataset(
+            splits.train,
+            train_transform(size, spec.mean, spec.std, rotation=a.rotation, hflip=a.hflip,
+                            color_jitter=a.color_jitter, crop_scale=a.crop_scale),
+            max_pixels=d.max_image_pixels, draft_size=size,
+        )
+        val_ds = ImageFolderDataset(splits.val, eval_transform(size, spec.mean, spec.std),
+                                    max_pixels=d.max_image_pixels, draft_size=size)
+        bs = cfg.optim.batch_size
+        self.train_sampler = EpochShuffleSampler(len(train_ds), seed=cfg.run.seed)
+        common = dict(num_workers=d.num_workers, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=d.num_workers > 0)
+        self.train_loader = DataLoader(train_ds, batch_size=bs, sampler=self.train_sampler,
+                                       drop_last=len(train_ds) > bs, **common)
+        self.val_loader = DataLoader(val_ds, batch_size=bs, shuffle=False, **common)
+        self.models = {"model": model}
+        self.optimizers = {"model": make_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay)}
+
+    def train_mode(self, mode: bool = True) -> None:
+        super().train_mode(mode)
+        if mode:
+            set_frozen_eval(self.unwrap("model"))
+
+    def configure_schedulers(self, total_steps: int) -> dict[str, Any]:
+        o = self.cfg.optim
+        steps_per_epoch = total_steps / max(1, self.cfg.run.epochs)
+        warmup = int(round(o.warmup_epochs * steps_per_epoch))
+        return {"model": make_cosine_scheduler(self.optimizers["model"], total_steps, warmup, o.min_lr)}
+
+    def training_step(self, batch) -> dict[str, torch.Tensor]:
+        images, labels = batch
+        logits = self.models["model"](images)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.optim.label_smoothing)
+        return {"loss": loss}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        model = self.models["model"]
+        loss_sum, n, top1, top5 = 0.0, 0, 0, 0
+        for images, labels in self.val_loader:
+            logits = model(images)
+            logits, labels = self.accelerator.gather_for_metrics((logits.float(), labels))
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+            hits = topk_correct(logits, labels, (1, 5))
+            top1 += int(hits[1].sum())
+            top5 += int(hits[5].sum())
+            n += labels.numel()
+        n = max(n, 1)
+        return {"val_loss": loss_sum / n, "val_top1": top1 / n, "val_top5": top5 / n}
+
+    def export(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        model = self.unwrap("model")
+        meta = {
+            "kind": "classifier",
+            "arch": self.cfg.model.arch,
+            "num_classes": len(self.class_names),
+            "class_names": self.class_names,
+            "image_size": self.cfg.data.image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "pretrained_source": self.pretrained_source,
+        }
+        return model.state_dict(), meta
