@@ -65,11 +65,19 @@ def save_model_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata
     return atomic_write(Path(path), lambda tmp: save_file(data, str(tmp), metadata=header))
 
 
+def looks_like_safetensors(head: bytes, size: int) -> bool:
+    """A safetensors file starts with its JSON header length (u64 little-endian) and then ``{``. The length's
+    first bytes can equal a pickle magic (e.g. 640 = ``80 02 ...``), so check this before sniffing for pickles."""
+    return len(head) >= 9 and 2 <= int.from_bytes(head[:8], "little") <= size - 8 and head[8:9] == b"{"
+
+
 def _sniff_other_format(path: Path) -> str | None:
     with open(path, "rb") as fh:
-        head = fh.read(8)
+        head = fh.read(9)
     if not head:
         return "it is empty (0 bytes)"
+    if looks_like_safetensors(head, path.stat().st_size):
+        return None
     if head.startswith(_PICKLE_MAGICS):
         return (
             "it is a PyTorch/pickle checkpoint. Pickle files can run arbitrary code when loaded, so animeai "

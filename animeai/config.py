@@ -151,6 +151,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
             return value.lower() in ("true", "yes", "1", "on")
         raise ConfigError(f"config key '{key}' must be true/false, got {value!r}")
+    if isinstance(value, bool) or (base is str and not isinstance(value, (str, int, float))):
+        hint = " (YAML reads unquoted yes/no/on/off as true/false: quote the value)" if isinstance(value, bool) else ""
+        raise ConfigError(f"config key '{key}' must be {base.__name__}, got {value!r}{hint}")
     try:
         if base is int and isinstance(value, float) and not value.is_integer():
             raise ValueError("not a whole number")
@@ -175,7 +178,11 @@ def from_dict(cls: type[C], data: dict[str, Any] | None, *, prefix: str = "") ->
                 raise ConfigError(f"config section '{key}' must be a mapping, got {type(value).__name__}")
             kwargs[f.name] = from_dict(tp, value, prefix=f"{key}.")
         else:
-            kwargs[f.name] = _coerce(value, tp, key)
+            value = _coerce(value, tp, key)
+            choices = f.metadata.get("choices")
+            if choices and value is not None and value not in choices:
+                raise ConfigError(f"config key '{key}' must be one of {', '.join(choices)}, got {value!r}")
+            kwargs[f.name] = value
     if data:
         known = ", ".join(f"{prefix}{f.name}" for f in dataclasses.fields(cls))
         unknown = ", ".join(f"'{prefix}{k}'" for k in data)

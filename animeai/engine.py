@@ -47,6 +47,7 @@ class TrainerState:
     best_epoch: int | None = None
     best_metrics: dict[str, Any] = field(default_factory=dict)
     schedulers: dict[str, Any] = field(default_factory=dict)
+    planned_epochs: int | None = None
 
 
 @dataclass
@@ -159,12 +160,13 @@ def train(
     task.optimizers = dict(zip(opt_names, prepared[len(names): len(names) + len(opt_names)]))
     task.train_loader, task.val_loader = prepared[-2], prepared[-1]
     batches = len(task.train_loader)
-    if run.max_steps_per_epoch:
-        batches = min(batches, run.max_steps_per_epoch)
+    if run.max_steps_per_epoch and run.max_steps_per_epoch < batches:
+        # A truncated epoch ends on a whole accumulation cycle, so no gradient leaks into the next epoch.
+        batches = min(batches, max(run.grad_accum, run.max_steps_per_epoch - run.max_steps_per_epoch % run.grad_accum))
     steps_per_epoch = max(1, math.ceil(batches / run.grad_accum))
     task.schedulers = task.configure_schedulers(steps_per_epoch * run.epochs)
 
-    state = TrainerState()
+    state = TrainerState(planned_epochs=run.epochs)
     if resume_from is not None:
         resume_from = Path(resume_from)
         state = load_trainer_state(resume_from)
@@ -173,16 +175,20 @@ def train(
             s.load_state_dict(state.schedulers[k])
         accelerator.print(f"resumed from {resume_from}: {state.epoch} epoch(s) done, best {task.monitor}="
                           f"{state.best_metric}")
+        if state.planned_epochs not in (None, run.epochs):
+            accelerator.print(f"note: the run was planned for {state.planned_epochs} epochs, now {run.epochs}; "
+                              "the learning-rate schedule continues the original plan")
 
-    sampler = getattr(task, "train_sampler", None)
     history: list[dict[str, Any]] = []
     metrics_file = run_dir / "metrics.jsonl"
     model_params = [p for m in task.models.values() for p in m.parameters() if p.requires_grad]
     show_progress = run.progress and accelerator.is_local_main_process
 
     for epoch in range(state.epoch, run.epochs):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
+        # The prepared loader forwards the epoch to the task's sampler (seeded shuffling that survives a resume);
+        # without this, accelerate would count epochs itself from 0 after a restart.
+        if hasattr(task.train_loader, "set_epoch"):
+            task.train_loader.set_epoch(epoch)
         task.train_mode(True)
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=accelerator.device)

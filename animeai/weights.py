@@ -65,16 +65,17 @@ def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read plain weights from a file without ever executing code from it."""
-    from animeai.checkpoint import CheckpointError, read_model_file
+    from animeai.checkpoint import CheckpointError, looks_like_safetensors, read_model_file
 
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: weights file not found")
     with open(path, "rb") as fh:
-        head = fh.read(8)
+        head = fh.read(9)
     if not head:
         raise WeightsError(f"{path}: weights file is empty (0 bytes)")
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+    pickle_like = head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+    if pickle_like and not looks_like_safetensors(head, path.stat().st_size):
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # pickle.UnpicklingError and friends: refuse, never retry unsafely
@@ -111,7 +112,9 @@ def match_state_dict(model: nn.Module, spec: ModelSpec, sd: dict[str, torch.Tens
     """Map ``sd`` onto ``model``'s backbone keys (by name, else by position when every shape agrees)."""
     target = {k: v for k, v in model.state_dict().items() if not _is_head(k, spec)}
     by_name = {k: sd[k] for k in target if k in sd and sd[k].shape == target[k].shape}
-    if len(by_name) == len(target):
+    # Extra backbone tensors mean another architecture (e.g. B0's squeeze-excitation layers offered to Lite0).
+    extra = [k for k in sd if k not in target and not _is_head(k, spec)]
+    if len(by_name) == len(target) and not extra:
         return by_name
     # Same network saved under other names (e.g. the EfficientNet-PyTorch layout of the Lite packages):
     # accept it only if the tensors line up one to one, in order, with identical shapes.
@@ -128,10 +131,12 @@ def match_state_dict(model: nn.Module, spec: ModelSpec, sd: dict[str, torch.Tens
         else:
             return mapped
     missing = [k for k in target if k not in by_name]
-    raise WeightsError(
-        f"{origin}: weights do not fit {spec.name}: {len(missing)} of {len(target)} backbone tensors missing or "
-        f"of another shape (first: {', '.join(missing[:3])}). {_how_to_supply(spec)}"
-    )
+    detail = f"{len(missing)} of {len(target)} backbone tensors missing or of another shape"
+    if missing:
+        detail += f" (first: {', '.join(missing[:3])})"
+    if extra:
+        detail += f"; {len(extra)} tensors this architecture does not have (first: {', '.join(extra[:3])})"
+    raise WeightsError(f"{origin}: weights do not fit {spec.name}: {detail}. {_how_to_supply(spec)}")
 
 
 def _package_path(spec: ModelSpec) -> Path:

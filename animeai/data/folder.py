@@ -95,7 +95,7 @@ def scan_folder(
         counts[y] += 1
     empty = [name for name, c in zip(class_names, counts) if c == 0 and (require_all_classes or name in found)]
     if empty:
-        bad = {e.path.parent.name for e in errors}
+        bad = {e.path.relative_to(root).parts[0] for e in errors}  # the class folder, also for nested files
         details = "; ".join(
             f"{root / n}: " + ("all files unreadable" if n in bad else "no files") for n in empty
         )
