@@ -35,8 +35,9 @@ from animeai.tasks.base import Task
 STATE_DIR = "state"
 TRAINER_STATE = "trainer_state.json"
 
-# callback(metrics, state_dir, accelerator) runs on every process after each epoch (Ray reports from it).
-MetricsCallback = Callable[[dict[str, Any], Path, Accelerator], None]
+# callback(metrics, state_dir, task) runs on every process after each epoch, once the resumable state is saved
+# (Ray reports from it). ``task.accelerator`` and ``task.models`` are available to it.
+MetricsCallback = Callable[[dict[str, Any], Path, Task], None]
 
 
 @dataclass
@@ -258,7 +259,7 @@ def train(
         accelerator.print(f"epoch {epoch + 1}/{run.epochs}  {_format_metrics(metrics)}" + ("  *" if is_best else ""))
         history.append(metrics)
         for cb in callbacks:
-            cb(metrics, state_dir, accelerator)
+            cb(metrics, state_dir, task)
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -56,7 +56,7 @@ def test_resume_continues_from_the_right_epoch_and_matches_an_uninterrupted_run(
     straight = cfg_for("a")
     train(straight, DetectorTask(straight))
 
-    def crash_after_epoch_2(metrics, state_dir, accelerator):
+    def crash_after_epoch_2(metrics, state_dir, task):
         if metrics["epoch"] == 2:
             raise Interrupt("simulated crash")
 
@@ -88,8 +88,8 @@ def test_grad_accumulation_steps_and_metrics_callback(small_cfg):
     cfg = small_cfg(**{"run.epochs": 2, "run.grad_accum": 2, "run.max_steps_per_epoch": 5})
     seen = []
 
-    def callback(metrics, state_dir, accelerator):
-        seen.append((metrics["epoch"], (state_dir / "trainer_state.json").is_file(), accelerator.num_processes))
+    def callback(metrics, state_dir, task):
+        seen.append((metrics["epoch"], (state_dir / "trainer_state.json").is_file(), task.accelerator.num_processes))
 
     train(cfg, DetectorTask(cfg), callbacks=[callback])
     assert seen == [(1, True, 1), (2, True, 1)]

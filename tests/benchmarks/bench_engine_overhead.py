@@ -189,7 +189,7 @@ def main(argv=None) -> int:
             order.append(f"bare{epoch + 1}")
             print(f"bare   epoch {epoch + 1}/{total}  images/s {m['images_per_s']:.2f}", flush=True)
 
-        def after_engine_epoch(metrics: dict[str, Any], state_dir: Path, acc) -> None:
+        def after_engine_epoch(metrics: dict[str, Any], state_dir: Path, task: Any) -> None:
             order.append(f"engine{metrics['epoch']}")
             if metrics["epoch"] < total:
                 run_bare(metrics["epoch"])

@@ -1,7 +1,7 @@
 """Real accuracy: train the detector on holo20/train with the shipped recipe and evaluate it on holo20/val.
 
 Trains with ``animeai.engine.train`` and the recipe ``animeai/configs/holo20_lite0.yaml`` (EfficientNet-Lite0,
-offline ImageNet weights, 160 px, 25 epochs), then evaluates the saved best model with
+offline ImageNet weights, 160 px, 20 epochs), then evaluates the saved best model with
 ``animeai.inference.Classifier.from_file(...).evaluate_folder(<holo20>/val)``. Reports wall-clock training
 minutes, training images/s, the best epoch, top-1 against the 0.90 goal, top-5, the 3 worst classes, and
 writes the confusion matrix PNG next to the JSON. Without the data folder it prints a message and exits 0.
