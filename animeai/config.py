@@ -50,7 +50,7 @@ class DataConfig:
     image_size: int = opt(224, "Side of the square network input, in pixels.")
     strict: bool = opt(False, "Fail on the first unreadable image instead of reporting and skipping it.")
     max_image_pixels: int = opt(50_000_000, "Refuse images with more pixels than this (decompression-bomb guard).")
-    num_workers: int = opt(2, "DataLoader worker processes (0 = load in the main process).")
+    num_workers: int = opt(2, "DataLoader worker processes (0 = load in the main process).", flag="loader-workers")
 
 
 @dataclass(frozen=True)

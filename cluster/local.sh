@@ -18,8 +18,9 @@ case "${1:-}" in
     [ -n "${RAY_CPUS:-}" ] && args+=(--num-cpus "$RAY_CPUS")
     "$RAY" start "${args[@]}"
     echo
-    echo "Ray head is up. Submit jobs from the repository root with:"
-    echo "  export RAY_API_SERVER_ADDRESS=http://127.0.0.1:$DASH_PORT"
+    echo "Ray head is up (token authentication on; the token is in ~/.ray/auth_token)."
+    echo "Submit jobs from the repository root with:"
+    echo "  export RAY_API_SERVER_ADDRESS=http://127.0.0.1:$DASH_PORT RAY_AUTH_MODE=token"
     echo "  ray job submit --working-dir . -- python jobs/train_detector.py --smoke-test --num-workers 2"
     echo "Dashboard: http://127.0.0.1:$DASH_PORT   Stop with: cluster/local.sh stop"
     ;;

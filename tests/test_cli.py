@@ -11,7 +11,7 @@ import pytest
 from animeai.cli import build_parser, main
 from animeai.config import DetectorConfig, flag_name, iter_leaves
 
-FAST = ["--image-size", "64", "--num-workers", "0", "--model", "efficientnet_lite0", "--pretrained", "package",
+FAST = ["--image-size", "64", "--loader-workers", "0", "--model", "efficientnet_lite0", "--pretrained", "package",
         "--batch-size", "16", "--no-progress"]
 
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -77,17 +78,29 @@ def test_two_workers_train_in_sync_and_write_the_model_file(local_ray, synth_roo
 
 
 def crash_once_train_func(config):
-    """Worker: rank 0 kills its own process right after the epoch-2 checkpoint, on the first attempt only."""
+    """Worker: on the first attempt, rank 0 kills its own process in the middle of epoch 3."""
     import ray.train
 
+    from animeai.tasks.detector import DetectorTask
+
     marker = Path(config["cfg"]["run"]["run_dir"]).parent / "crashed"
+    steps_per_epoch = config["cfg"]["run"]["max_steps_per_epoch"]
+    original = DetectorTask.training_step
+    calls = {"n": 0}
 
-    def crash(metrics, state_dir, task):
-        if metrics["epoch"] == 2 and ray.train.get_context().get_world_rank() == 0 and not marker.exists():
+    def training_step(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 2 * steps_per_epoch + 2 and ray.train.get_context().get_world_rank() == 0 \
+                and not marker.exists():
             marker.write_text("killed")
+            # Ray's controller collects reports every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): let the epoch-2
+            # checkpoint be committed, as it is in any real run where an epoch takes longer than that.
+            time.sleep(4)
             os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, batch)
 
-    run_worker(config, callbacks=[crash])
+    DetectorTask.training_step = training_step  # this worker process only
+    run_worker(config)
 
 
 def test_killed_worker_resumes_from_the_latest_checkpoint(local_ray, synth_root, tmp_path):
@@ -98,7 +111,7 @@ def test_killed_worker_resumes_from_the_latest_checkpoint(local_ray, synth_root,
     assert (tmp_path / "crashed").is_file()  # the failure really happened
     epochs = [json.loads(line)["epoch"] for line in
               (tmp_path / "scratch" / "detector-model" / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [1, 2, 3, 4]  # epoch 3 continued from the epoch-2 checkpoint: nothing lost or repeated
+    assert epochs == [1, 2, 3, 4]  # the run went on from the epoch-2 checkpoint: nothing lost or repeated
     assert result.metrics["epoch"] == 4
     clf = Classifier.from_file(cfg.run.out)
     assert clf.meta["epoch"] in (1, 2, 3, 4)
@@ -155,3 +168,14 @@ def test_tune_sweep_runs_trials_and_picks_the_best(local_ray, synth_root, tmp_pa
     assert summary["best"]["val_top1"] == max(t["val_top1"] for t in summary["trials"])
     assert summary["best_config"]["optim"]["lr"] == 1e-3
     assert "optim.lr" in format_table(summary)
+
+
+def test_job_command_lines_build_and_parse():
+    from animeai.distributed.jobs import build_sweep_parser, build_train_parser
+
+    args = build_train_parser("detector").parse_args(["--num-workers", "3", "--loader-workers", "1", "--lr", "0.01",
+                                                       "--max-failures", "2", "--use-gpu"])
+    assert (args.num_workers, getattr(args, "data.num_workers"), getattr(args, "optim.lr")) == (3, 1, 0.01)
+    assert args.max_failures == 2 and args.use_gpu and args.check_resources
+    sweep = build_sweep_parser().parse_args(["--sweep", "s.yaml", "--cpus-per-trial", "0.5"])
+    assert sweep.cpus_per_trial == 0.5 and sweep.workers_per_trial == 1

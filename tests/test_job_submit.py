@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("ray")
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = pytest.mark.ray
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -34,6 +34,7 @@ def ray_head(tmp_path):
     subprocess.run([str(REPO / "cluster" / "local.sh"), "start"], env=env, check=True, capture_output=True,
                    timeout=120)
     env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dash}"
+    env["RAY_AUTH_MODE"] = "token"  # `ray start` turns token auth on; the job CLI must send ~/.ray/auth_token
     env.pop("RAY_ADDRESS", None)
     try:
         yield env

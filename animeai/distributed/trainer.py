@@ -10,6 +10,7 @@ model file the local CLI writes.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -68,6 +69,7 @@ class RayReport:
 def run_worker(config: dict[str, Any], callbacks: Sequence[MetricsCallback] = ()) -> TrainResult:
     """The body of a TorchTrainer worker: rebuild the config, restore a checkpoint, run ``engine.train``."""
     cfg_cls, task_cls = get_task(config["task"])
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # keep `ray job logs` to epoch lines
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     scratch = Path(config.get("scratch_dir") or Path(tempfile.gettempdir()) / "animeai-ray") / config["run_name"]
