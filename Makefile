@@ -24,9 +24,11 @@ demo: install
 	$(BIN)/animeai train detector --config animeai/configs/demo.yaml --data $(DEMO_DATA) --out $(DEMO_MODEL)
 	$(BIN)/animeai evaluate --model $(DEMO_MODEL) --data $(DEMO_DATA) --out runs/demo_classifier/eval.json
 	$(BIN)/animeai predict --model $(DEMO_MODEL) --top-k 3 $(DEMO_DATA)/val/akari/akari_0046.jpg $(DEMO_DATA)/val/botan
+	$(BIN)/python jobs/train_detector.py --smoke-test --num-workers 2 --out models/demo_ray_classifier.pth
 	@echo
 	@echo "demo done: model $(DEMO_MODEL); run folder runs/demo_classifier/ (config.yaml, metrics.jsonl, split.json);"
-	@echo "evaluation runs/demo_classifier/eval.json + eval_confusion.png"
+	@echo "evaluation runs/demo_classifier/eval.json + eval_confusion.png;"
+	@echo "Ray Train (2 workers, local Ray): models/demo_ray_classifier.pth, checkpoints under runs/ray/"
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -37,9 +39,10 @@ test-slow: install
 bench: install
 	$(BIN)/python tests/benchmarks/bench_engine_overhead.py
 	$(BIN)/python tests/benchmarks/bench_inference.py
+	$(BIN)/python tests/benchmarks/bench_ray_scaling.py
 
 lint: install
 	$(BIN)/ruff check animeai tests jobs
 
 clean:
-	rm -rf runs models/demo_classifier.pth $(DEMO_DATA) .pytest_cache
+	rm -rf runs models/demo_classifier.pth models/demo_ray_classifier.pth $(DEMO_DATA) .pytest_cache

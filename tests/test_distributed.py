@@ -179,3 +179,4 @@ def test_job_command_lines_build_and_parse():
     assert args.max_failures == 2 and args.use_gpu and args.check_resources
     sweep = build_sweep_parser().parse_args(["--sweep", "s.yaml", "--cpus-per-trial", "0.5"])
     assert sweep.cpus_per_trial == 0.5 and sweep.workers_per_trial == 1
+

@@ -58,3 +58,18 @@ def test_ray_job_submit_smoke_test_writes_the_model(ray_head, tmp_path):
 
     clf = Classifier.from_file(out)
     assert len(clf.class_names) == 4
+
+
+def test_unreachable_cluster_fails_fast():
+    import time as _time
+
+    import ray
+
+    from animeai.distributed.trainer import DistributedError, connect
+
+    if ray.is_initialized():
+        pytest.skip("a Ray instance is already connected in this process")
+    t0 = _time.perf_counter()
+    with pytest.raises(DistributedError, match="no Ray cluster reachable at 127.0.0.1:1"):
+        connect("127.0.0.1:1")
+    assert _time.perf_counter() - t0 < 30

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -115,12 +116,30 @@ def connect(address: str | None = None, **init_kwargs) -> None:
     """Join a running cluster (``address`` or ``RAY_ADDRESS``), or start a local Ray when neither is given."""
     if ray.is_initialized():
         return
+    target = address or os.environ.get("RAY_ADDRESS")
+    if target and target not in ("auto", "local"):
+        _probe(target)  # ray.init retries an unreachable GCS for minutes; fail in seconds instead
     try:
         ray.init(address=address, **init_kwargs)
     except ConnectionError as exc:
         where = address or os.environ.get("RAY_ADDRESS", "auto")
         raise DistributedError(
             f"no Ray cluster reachable at {where} ({exc}). Start one with `cluster/local.sh start`, "
+            "or leave --address out to run on a local Ray instance."
+        ) from None
+
+
+def _probe(address: str, timeout_s: float = 5.0) -> None:
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise DistributedError(f"Ray address {address!r} is not host:port (or auto)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise DistributedError(
+            f"no Ray cluster reachable at {address} ({exc}). Start one with `cluster/local.sh start`, "
             "or leave --address out to run on a local Ray instance."
         ) from None
 
