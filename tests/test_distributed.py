@@ -180,3 +180,16 @@ def test_job_command_lines_build_and_parse():
     sweep = build_sweep_parser().parse_args(["--sweep", "s.yaml", "--cpus-per-trial", "0.5"])
     assert sweep.cpus_per_trial == 0.5 and sweep.workers_per_trial == 1
 
+
+
+def test_tune_trial_as_a_two_worker_torchtrainer(local_ray, synth_root, tmp_path):
+    from animeai.distributed.tune import load_sweep, summarize, sweep
+
+    spec = load_sweep(_sweep_file(tmp_path, "space:\n  optim.lr: {choice: [1.0e-3]}\n"))
+    with pytest.raises(DistributedError, match="use --cpus-per-trial 0.99 or less"):
+        sweep(spec, data=str(synth_root), num_samples=1, workers_per_trial=2, cpus_per_trial=1.0)
+    results = sweep(spec, data=str(synth_root), num_samples=1, workers_per_trial=2, cpus_per_trial=0.99,
+                    storage_path=str(tmp_path / "tune"), name="t2")
+    summary = summarize(results, spec)
+    assert len(summary["trials"]) == 1 and summary["trials"][0]["error"] is None
+    assert summary["trials"][0]["epochs"] == 2 and summary["best"]["val_top1"] > 0

@@ -135,10 +135,14 @@ def sweep_job_main(argv: list[str] | None = None) -> int:
     except DistributedError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    results = sweep(spec, data=data, num_samples=num_samples, cpus_per_trial=args.cpus_per_trial,
-                    gpus_per_trial=args.gpus_per_trial, workers_per_trial=args.workers_per_trial,
-                    max_concurrent=args.max_concurrent, grace_period=args.grace_period,
-                    storage_path=args.storage_path, name=args.name, extra_overrides=extra)
+    try:
+        results = sweep(spec, data=data, num_samples=num_samples, cpus_per_trial=args.cpus_per_trial,
+                        gpus_per_trial=args.gpus_per_trial, workers_per_trial=args.workers_per_trial,
+                        max_concurrent=args.max_concurrent, grace_period=args.grace_period,
+                        storage_path=args.storage_path, name=args.name, extra_overrides=extra)
+    except DistributedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     summary = summarize(results, spec)
     print(format_table(summary))
     out = Path(args.out)

@@ -33,6 +33,8 @@ from animeai.config import ConfigError, from_dict, load_yaml, to_dict, with_over
 from animeai.engine import make_accelerator, train
 from animeai.tasks import get_task
 
+_DRIVER_CPU = 0.01  # a multi-worker trial's own process only drives its TorchTrainer
+
 _DISTRIBUTIONS = {
     "uniform": lambda a: tune.uniform(*a),
     "loguniform": lambda a: tune.loguniform(*a),
@@ -147,8 +149,9 @@ def sweep(
     if workers_per_trial <= 1:
         resources = {"cpu": cpus_per_trial, "gpu": gpus_per_trial}
     else:
+        _check_trial_fits(workers_per_trial, cpus_per_trial)
         # The trial itself only drives a TorchTrainer: a sliver of CPU, so it never blocks its own workers.
-        resources = {"cpu": 0.01}
+        resources = {"cpu": _DRIVER_CPU}
     trainable = tune.with_resources(tune.with_parameters(_trainable, trial_config=trial_config), resources)
     tuner = tune.Tuner(
         trainable,
@@ -160,6 +163,22 @@ def sweep(
         run_config=tune.RunConfig(name=name, storage_path=storage),
     )
     return tuner.fit()
+
+
+def _check_trial_fits(workers: int, cpus_per_worker: float) -> None:
+    """A trial of N workers also holds its driver's sliver of CPU: refuse a sweep that could never start one
+    (it would otherwise wait for the worker group until Ray's start-up timeout, then retry)."""
+    import ray
+
+    from animeai.distributed.trainer import DistributedError
+
+    have = ray.cluster_resources().get("CPU", 0.0)
+    need = workers * cpus_per_worker + _DRIVER_CPU
+    if need > have:
+        raise DistributedError(
+            f"one trial needs {workers} workers x {cpus_per_worker:g} CPU + {_DRIVER_CPU} for its driver = {need:g} "
+            f"CPUs but the cluster has {have:g}; use --cpus-per-trial {(have - _DRIVER_CPU) / workers:.2f} or less"
+        )
 
 
 def _trainable(config: dict[str, Any], trial_config: dict[str, Any]) -> None:
