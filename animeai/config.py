@@ -105,6 +105,10 @@ class RunConfig:
     max_steps_per_epoch: int = opt(0, "Stop each epoch after this many batches (0 = full epoch; for smoke tests).")
     progress: bool = opt(True, "Show a progress bar (main process only).")
 
+    def resolved_run_dir(self) -> Path:
+        """``run_dir``, or ``runs/<out file stem>`` when it is not set."""
+        return Path(self.run_dir) if self.run_dir else Path("runs") / Path(self.out).stem
+
 
 @dataclass(frozen=True)
 class DetectorConfig:

@@ -59,10 +59,6 @@ class TrainResult:
     history: list[dict[str, Any]]
 
 
-def default_run_dir(out: str | Path) -> Path:
-    return Path("runs") / Path(out).stem
-
-
 def resolve_mixed_precision(value: str, cpu: bool = False) -> str:
     if value != "auto":
         return value
@@ -140,7 +136,7 @@ def train(
     run = cfg.run
     accelerator = accelerator or make_accelerator(run)
     accelerator.gradient_accumulation_steps = run.grad_accum
-    run_dir = Path(run.run_dir) if run.run_dir else default_run_dir(run.out)
+    run_dir = run.resolved_run_dir()
     out_path = Path(run.out)
     if resume_from is None and run.resume:
         resume_from = run_dir / STATE_DIR

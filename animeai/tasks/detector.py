@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,7 +56,7 @@ class DetectorTask(Task):
                               strict=d.strict, max_pixels=d.max_image_pixels)
         if accelerator.is_main_process:
             report_skipped(splits.skipped)
-            run_dir = Path(cfg.run.run_dir) if cfg.run.run_dir else Path("runs") / Path(cfg.run.out).stem
+            run_dir = cfg.run.resolved_run_dir()
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "split.json").write_text(json.dumps({
                 "layout": splits.layout, "class_names": splits.class_names,
