@@ -179,6 +179,7 @@ def train(
     history: list[dict[str, Any]] = []
     metrics_file = run_dir / "metrics.jsonl"
     model_params = [p for m in task.models.values() for p in m.parameters() if p.requires_grad]
+    grad_clip = run_grad_clip(cfg)
     show_progress = run.progress and accelerator.is_local_main_process
 
     for epoch in range(state.epoch, run.epochs):
@@ -205,8 +206,8 @@ def train(
                 if not task.manual_optimization:
                     (opt,) = task.optimizers.values()
                     accelerator.backward(loss)
-                    if run_grad_clip(cfg) and accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(model_params, run_grad_clip(cfg))
+                    if grad_clip and accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(model_params, grad_clip)
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                 if accelerator.sync_gradients:

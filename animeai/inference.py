@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from animeai.checkpoint import CheckpointError, read_model_file, require_keys
-from animeai.data.folder import ImageFolderDataset, _visible, has_train_val, scan_folder
+from animeai.data.folder import ImageFolderDataset, has_train_val, scan_folder, visible_files
 from animeai.data.images import IMAGE_EXTENSIONS, ImageError, load_image
 from animeai.data.transforms import eval_transform
 from animeai.metrics import classification_report
@@ -109,8 +109,7 @@ def expand_paths(inputs: Iterable[str | Path]) -> list[Path]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-                          and all(_visible(part) for part in f.relative_to(p).parts))
+            out += [f for f in visible_files(p) if f.suffix.lower() in IMAGE_EXTENSIONS]
         else:
             out.append(p)
     return out

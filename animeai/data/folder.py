@@ -49,7 +49,8 @@ def find_classes(root: str | Path) -> list[str]:
     return classes
 
 
-def _class_files(folder: Path) -> list[Path]:
+def visible_files(folder: Path) -> list[Path]:
+    """Every file below ``folder`` (recursively, sorted), skipping hidden files and folders."""
     return sorted(p for p in folder.rglob("*") if p.is_file() and all(_visible(q) for q in p.relative_to(folder).parts))
 
 
@@ -84,7 +85,7 @@ def scan_folder(
     index = {name: i for i, name in enumerate(class_names)}
     candidates: list[Sample] = []
     for name in found:
-        candidates += [(p, index[name]) for p in _class_files(root / name)]
+        candidates += [(p, index[name]) for p in visible_files(root / name)]
     ok, errors = validate_images([p for p, _ in candidates], max_pixels=max_pixels)
     if strict and errors:
         raise DatasetError(f"unreadable image (strict mode): {errors[0]}")
