@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,9 +26,59 @@ class ConfigError(ValueError):
     """A config file, key or value that cannot be used."""
 
 
-def opt(default: Any, help: str, flag: str | None = None, choices: tuple[str, ...] | None = None) -> Any:
-    """A config field with its command-line help (and an optional explicit ``--flag`` name)."""
-    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
+def opt(default: Any, help: str, flag: str | None = None, choices: tuple[str, ...] | None = None, *,
+        ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
+    """A config field with its command-line help, an optional explicit ``--flag`` name, and its allowed range
+    (``ge``/``gt``/``le``/``lt`` bounds for numbers; float fields must always be finite). Sections built from
+    :class:`Section` check every bound when constructed, so a bad value never gets past the config."""
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices, "bounds": bounds})
+
+
+_BOUND_TEXT = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+_BOUND_OK = {"ge": lambda v, b: v >= b, "gt": lambda v, b: v > b, "le": lambda v, b: v <= b, "lt": lambda v, b: v < b}
+
+
+class FieldError(ConfigError):
+    """A value outside its field's allowed range; ``from_dict`` adds the section prefix to the key."""
+
+    def __init__(self, name: str, flag: str, problem: str):
+        self.name, self.flag, self.problem = name, flag, problem
+        super().__init__(f"config key '{name}' (--{flag}) {problem}")
+
+    def with_prefix(self, prefix: str) -> FieldError:
+        return FieldError(f"{prefix}{self.name}", self.flag, self.problem)
+
+
+def describe_range(f: dataclasses.Field) -> str:
+    bounds = f.metadata.get("bounds") or {}
+    return " and ".join(f"{_BOUND_TEXT[k]} {v:g}" for k, v in bounds.items())
+
+
+class Section:
+    """Base of config sections: checks each field's type-independent rules (range, finiteness, choices) once,
+    where the config is built, naming the key and the flag."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if value is None or isinstance(value, bool) or dataclasses.is_dataclass(value):
+                continue
+            flag = f.metadata.get("flag") or f.name.replace("_", "-")
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                raise FieldError(f.name, flag, f"must be one of {', '.join(choices)}, got {value!r}")
+            if not isinstance(value, (int, float)):
+                continue
+            if isinstance(value, float) and not math.isfinite(value):
+                raise FieldError(f.name, flag, f"must be a finite number, got {value}")
+            bounds = f.metadata.get("bounds") or {}
+            if any(not _BOUND_OK[k](value, b) for k, b in bounds.items()):
+                raise FieldError(f.name, flag, f"must be {describe_range(f)}, got {value!r}")
+        self.check()
+
+    def check(self) -> None:
+        """Rules between fields of one section (override; raise ``FieldError``)."""
 
 
 def section(cls: type) -> Any:
@@ -38,31 +89,39 @@ def section(cls: type) -> Any:
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Section):
     root: str = opt(
         "data/all_characters",
         "Folder of character folders (<root>/<character>/*.jpg, folder name = label), or with train/ and val/ inside.",
         flag="data",
     )
     val_root: str | None = opt(None, "Separate validation folder (same layout); overrides the split.", flag="val-data")
-    val_fraction: float = opt(0.2, "Fraction of each class held out for validation when there is no val/ folder.")
+    val_fraction: float = opt(0.2, "Fraction of each class held out for validation when there is no val/ folder.",
+                               ge=0.0, lt=1.0)
     split_seed: int = opt(0, "Seed of the stratified train/val split (the split is saved in the run folder).")
-    image_size: int = opt(224, "Side of the square network input, in pixels.")
+    image_size: int = opt(224, "Side of the square network input, in pixels.", ge=16, le=4096)
     strict: bool = opt(False, "Fail on the first unreadable image instead of reporting and skipping it.")
-    max_image_pixels: int = opt(50_000_000, "Refuse images with more pixels than this (decompression-bomb guard).")
-    num_workers: int = opt(2, "DataLoader worker processes (0 = load in the main process).", flag="loader-workers")
+    max_image_pixels: int = opt(50_000_000, "Refuse images with more pixels than this (decompression-bomb guard).",
+                                 ge=1)
+    num_workers: int = opt(2, "DataLoader worker processes (0 = load in the main process).", flag="loader-workers",
+                            ge=0, le=256)
+
+    def check(self) -> None:
+        if not str(self.root).strip():
+            raise FieldError("root", "data", "must name a dataset folder")
 
 
 @dataclass(frozen=True)
-class AugmentConfig:
-    rotation: float = opt(15.0, "Random rotation range in degrees (+-), train only. 0 disables.")
-    hflip: float = opt(0.5, "Probability of a horizontal flip, train only.")
-    color_jitter: float = opt(0.2, "Brightness/contrast/saturation jitter strength (hue gets a quarter). 0 disables.")
-    crop_scale: float = opt(1.0, "Minimum area of a random resized crop (1.0 = plain resize, no crop).")
+class AugmentConfig(Section):
+    rotation: float = opt(15.0, "Random rotation range in degrees (+-), train only. 0 disables.", ge=0, le=180)
+    hflip: float = opt(0.5, "Probability of a horizontal flip, train only.", ge=0, le=1)
+    color_jitter: float = opt(0.2, "Brightness/contrast/saturation jitter strength (hue gets a quarter). 0 disables.",
+                               ge=0, le=1)
+    crop_scale: float = opt(1.0, "Minimum area of a random resized crop (1.0 = plain resize, no crop).", gt=0, le=1)
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Section):
     arch: str = opt("efficientnet_b0", "Backbone from the model registry (see `animeai models`).", flag="model")
     pretrained: str = opt(
         "auto",
@@ -70,30 +129,43 @@ class ModelConfig:
         "(.safetensors, .pth state dict, or an animeai model file). auto = offline package if the backbone "
         "has one installed, else the hub.",
     )
-    drop_rate: float = opt(0.2, "Dropout before the classifier head.")
+    drop_rate: float = opt(0.2, "Dropout before the classifier head.", ge=0, lt=1)
     freeze_stages: int = opt(
         0, "Freeze the stem and the first N backbone stages (weights and batch-norm statistics): faster on CPU, "
-        "less over-fitting on small data. 0 = train everything."
+        "less over-fitting on small data. 0 = train everything.", ge=0
     )
     channels_last: bool = opt(True, "Use channels-last memory format (faster convolutions on CPU and GPU).")
 
+    def check(self) -> None:
+        from animeai.models import list_models
 
-@dataclass(frozen=True)
-class OptimConfig:
-    batch_size: int = opt(32, "Images per batch per process.")
-    lr: float = opt(1e-3, "Peak learning rate of AdamW.")
-    weight_decay: float = opt(0.05, "AdamW weight decay.")
-    warmup_epochs: float = opt(0.0, "Linear learning-rate warm-up length in epochs before the cosine decay.")
-    min_lr: float = opt(1e-6, "Learning rate at the end of the cosine schedule.")
-    label_smoothing: float = opt(0.1, "Label smoothing of the cross-entropy loss.")
-    grad_clip: float = opt(0.0, "Clip the gradient norm to this value (0 = off).")
+        if self.arch not in list_models():
+            raise FieldError("arch", "model", f"must be one of {', '.join(list_models())}, got {self.arch!r}")
+        if not str(self.pretrained).strip():
+            raise FieldError("pretrained", "pretrained", "must be auto, hub, package, none or a weights file path")
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    epochs: int = opt(10, "Number of training epochs.")
-    seed: int = opt(42, "Random seed (weights init, shuffling, augmentation).")
-    grad_accum: int = opt(1, "Gradient accumulation steps (effective batch = batch_size * grad_accum * processes).")
+class OptimConfig(Section):
+    batch_size: int = opt(32, "Images per batch per process.", ge=1)
+    lr: float = opt(1e-3, "Peak learning rate of AdamW.", gt=0, le=10)
+    weight_decay: float = opt(0.05, "AdamW weight decay.", ge=0, le=10)
+    warmup_epochs: float = opt(0.0, "Linear learning-rate warm-up length in epochs before the cosine decay.", ge=0)
+    min_lr: float = opt(1e-6, "Learning rate at the end of the cosine schedule.", ge=0)
+    label_smoothing: float = opt(0.1, "Label smoothing of the cross-entropy loss.", ge=0, lt=1)
+    grad_clip: float = opt(0.0, "Clip the gradient norm to this value (0 = off).", ge=0)
+
+    def check(self) -> None:
+        if self.min_lr > self.lr:
+            raise FieldError("min_lr", "min-lr", f"must be <= the learning rate --lr {self.lr:g}, got {self.min_lr:g}")
+
+
+@dataclass(frozen=True)
+class RunConfig(Section):
+    epochs: int = opt(10, "Number of training epochs.", ge=1)
+    seed: int = opt(42, "Random seed (weights init, shuffling, augmentation).", ge=0, lt=2**32)
+    grad_accum: int = opt(1, "Gradient accumulation steps (effective batch = batch_size * grad_accum * processes).",
+                           ge=1)
     mixed_precision: str = opt(
         "auto", "Mixed precision: auto (bf16/fp16 on GPU, off on CPU) | no | fp16 | bf16.",
         choices=("auto", "no", "fp16", "bf16"),
@@ -101,9 +173,26 @@ class RunConfig:
     cpu: bool = opt(False, "Train on the CPU even if a GPU is present.")
     out: str = opt("models/character_classifier.pth", "Where the best model file is written.")
     run_dir: str | None = opt(None, "Folder for resume state, metrics.jsonl, config.yaml (default: runs/<out name>).")
-    resume: bool = opt(False, "Continue the run in run_dir from its last completed epoch.")
-    max_steps_per_epoch: int = opt(0, "Stop each epoch after this many batches (0 = full epoch; for smoke tests).")
+    resume: bool = opt(False, "Continue the run in run_dir from its last completed epoch, with the run's saved "
+                       "config (flags given with --resume may only change what is safe to change: epochs, "
+                       "progress, loader workers, device, mixed precision).")
+    overwrite: bool = opt(False, "Start a new run even if run_dir holds an earlier run or --out exists: the earlier "
+                          "run's files are removed first. Without it such a run is refused.")
+    nonfinite: str = opt("error", "What a NaN/inf training loss does: error (stop the run with a clear message; no "
+                         "model file is written from a diverged model) | skip (skip that optimizer step, and stop "
+                         "after 10 skips in a row).", choices=("error", "skip"))
+    eval_every: int = opt(1, "Evaluate (and consider saving the best model) every N epochs; the last epoch always.",
+                          ge=1)
+    save_every: int = opt(1, "Save the resumable state every N epochs; the last epoch always.", ge=1)
+    max_steps_per_epoch: int = opt(0, "Stop each epoch after this many batches (0 = full epoch; for smoke tests).",
+                                    ge=0)
     progress: bool = opt(True, "Show a progress bar (main process only).")
+
+    def check(self) -> None:
+        if not str(self.out).strip():
+            raise FieldError("out", "out", "must name a model file")
+        if self.resume and self.overwrite:
+            raise FieldError("overwrite", "overwrite", "cannot be combined with --resume (pick one)")
 
     def resolved_run_dir(self) -> Path:
         """``run_dir``, or ``runs/<out file stem>`` when it is not set."""
@@ -191,7 +280,10 @@ def from_dict(cls: type[C], data: dict[str, Any] | None, *, prefix: str = "") ->
         known = ", ".join(f"{prefix}{f.name}" for f in dataclasses.fields(cls))
         unknown = ", ".join(f"'{prefix}{k}'" for k in data)
         raise ConfigError(f"unknown config key(s) {unknown}; known keys here: {known}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except FieldError as exc:
+        raise exc.with_prefix(prefix) from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -216,10 +308,19 @@ def with_overrides(cfg: C, overrides: dict[str, Any]) -> C:
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a config file (pass a .yaml file)")
+    if not path.exists():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start}); "
+                          "config files are UTF-8 YAML") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or exc})") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
     if data is None:
@@ -275,7 +376,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
                 raise TypeError(f"flag --{name} is used by both {seen[name]} and {dotted}")
             seen[name] = dotted
             default = f.default
-            help_text = f"{f.metadata.get('help', '')} (default: {default})"
+            allowed = describe_range(f)
+            help_text = f"{f.metadata.get('help', '')} (default: {default}" + (f"; allowed: {allowed})" if allowed else ")")
             kwargs: dict[str, Any] = dict(dest=dotted, default=argparse.SUPPRESS, help=help_text)
             base = _leaf_type(tp)
             if base is bool:
