@@ -22,7 +22,25 @@ examples:
 
 
 def _write_json(obj, out: str | None) -> None:
-    text = json.dumps(obj, ensure_ascii=False, indent=2)
+    """Write ``obj`` as standard JSON to ``out`` (or stdout).
+
+    Non-finite floats (NaN, Infinity: a diverged metric, the probability of a model whose activations
+    overflowed) are written as ``null``. JSON has no such numbers: ``json.dumps`` would write the tokens
+    ``NaN``/``Infinity``, which strict parsers (JavaScript, jq, most languages) reject, losing the whole report
+    for one bad number. ``null`` ("no number") keeps every other result usable; ``allow_nan=False`` then
+    guarantees that nothing non-standard is ever printed."""
+    import math
+
+    def finite(value):
+        if isinstance(value, float):
+            return value if math.isfinite(value) else None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v) for v in value]
+        return value
+
+    text = json.dumps(finite(obj), ensure_ascii=False, indent=2, allow_nan=False)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text + "\n", encoding="utf-8")
@@ -145,9 +163,18 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from animeai.checkpoint import read_metadata
+    """Print the metadata; exit 1 with ``invalid: <reason>`` if the file is a model file that fails its checks
+    (schema, non-finite weights), 2 (via ``main``) if it is not a model file at all."""
+    from animeai.checkpoint import CheckpointError, read_model_file, read_raw_metadata
 
-    _write_json(read_metadata(args.model), None)
+    raw = read_raw_metadata(args.model)
+    try:
+        read_model_file(args.model)
+    except CheckpointError as exc:
+        _write_json(raw, None)
+        print(f"invalid: {exc}", file=sys.stderr)
+        return 1
+    _write_json(raw, None)
     return 0
 
 

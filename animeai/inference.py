@@ -9,14 +9,12 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from animeai.checkpoint import CheckpointError, read_model_file, require_keys
+from animeai.checkpoint import CheckpointError, read_model_file
 from animeai.data.folder import ImageFolderDataset, has_train_val, scan_folder, visible_files
 from animeai.data.images import IMAGE_EXTENSIONS, ImageError, load_image
 from animeai.data.transforms import eval_transform
 from animeai.metrics import classification_report
-from animeai.models import create_model
-
-CLASSIFIER_KEYS = ("arch", "class_names", "image_size", "mean", "std")
+from animeai.models import create_model, get_model_spec
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -38,10 +36,13 @@ class Classifier:
 
     @classmethod
     def from_file(cls, path: str | Path, device: str | None = None) -> Classifier:
-        tensors, meta = read_model_file(path)
-        require_keys(meta, CLASSIFIER_KEYS, path)
-        if meta.get("kind", "classifier") != "classifier":
-            raise CheckpointError(f"{path}: holds a '{meta.get('kind')}' model, not a classifier")
+        # The reader checks the metadata against the classifier schema and the tensors for NaN/Infinity;
+        # what is left to check here is that the weights fit the architecture.
+        tensors, meta = read_model_file(path, kind="classifier")
+        try:
+            get_model_spec(meta["arch"])
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: invalid model file metadata: field 'arch': {exc}") from None
         model = create_model(meta["arch"], num_classes=len(meta["class_names"]), pretrained="none")
         try:
             model.load_state_dict(tensors, strict=True)
@@ -104,12 +105,16 @@ class Classifier:
 
 
 def expand_paths(inputs: Iterable[str | Path]) -> list[Path]:
-    """Files as given; folders expanded (recursively, sorted) to the image files inside."""
+    """Files as given; folders expanded (recursively, sorted) to the image files inside.
+
+    Image-named entries that cannot be opened (broken symbolic links, link loops, unreadable files) and
+    sub-folders that cannot be walked (unreadable, folder link loops) are kept: predicting them reports why.
+    """
     out: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            out += [f for f in visible_files(p) if f.suffix.lower() in IMAGE_EXTENSIONS]
+            out += [f for f in visible_files(p) if f.suffix.lower() in IMAGE_EXTENSIONS or f.is_dir()]
         else:
             out.append(p)
     return out
