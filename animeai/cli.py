@@ -181,8 +181,13 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     from animeai.data.synthetic import make_synthetic_dataset
 
-    names = make_synthetic_dataset(args.out, num_classes=args.num_classes, images_per_class=args.images_per_class,
-                                   image_size=args.image_size, seed=args.seed, val_fraction=args.val_fraction)
+    try:  # the limits and the existing-output rule live in make_synthetic_dataset; errors name flag or path
+        names = make_synthetic_dataset(args.out, num_classes=args.num_classes,
+                                       images_per_class=args.images_per_class, image_size=args.image_size,
+                                       seed=args.seed, val_fraction=args.val_fraction)
+    except (ValueError, OSError) as exc:  # OSError: a file in the way, no permission, ... (names the path)
+        print(f"error: synth: {exc}", file=sys.stderr)
+        return 2
     print(f"wrote {len(names)} synthetic characters x {args.images_per_class} images to {args.out}: "
           f"{', '.join(names)}", file=sys.stderr)
     return 0
@@ -195,13 +200,15 @@ def add_utility_parsers(sub) -> None:
     p.add_argument("model", help="animeai model file")
     p.set_defaults(func=cmd_info)
     p = sub.add_parser("synth", help="write a synthetic character dataset (for demos and tests)")
-    p.add_argument("out", help="output folder (<out>/<character>/*.jpg)")
-    p.add_argument("--num-classes", type=int, default=6, help="characters (default: 6, max 24)")
-    p.add_argument("--images-per-class", type=int, default=40, help="images per character (default: 40)")
-    p.add_argument("--image-size", type=int, default=128, help="image side in pixels (default: 128)")
+    p.add_argument("out", help="output folder (<out>/<character>/*.jpg): new, empty, or a synthetic set made "
+                   "with the same options (rewritten identically); anything else is refused")
+    p.add_argument("--num-classes", type=int, default=6, help="characters, 2 to 24 (default: 6)")
+    p.add_argument("--images-per-class", type=int, default=40,
+                   help="images per character, >= 1, >= 2 with --val-fraction > 0 (default: 40)")
+    p.add_argument("--image-size", type=int, default=128, help="image side in pixels, 16 to 4096 (default: 128)")
     p.add_argument("--seed", type=int, default=0, help="variation seed (default: 0)")
     p.add_argument("--val-fraction", type=float, default=0.0,
-                   help="if > 0, write <out>/train and <out>/val (default: 0)")
+                   help="in [0, 1); if > 0, write <out>/train and <out>/val (default: 0)")
     p.set_defaults(func=cmd_synth)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -23,7 +24,7 @@ from animeai.data.folder import (
     scan_folder,
     stratified_split,
 )
-from animeai.data.images import ImageError
+from animeai.data.images import ImageError, load_image
 
 
 def _jpeg_bytes(color=(200, 80, 40), size=(24, 20)) -> bytes:
@@ -297,6 +298,7 @@ def test_separate_val_root(synth_split_root):
 def test_skipped_files_are_collected_from_both_folders(tmp_path):
     for split in ("train", "val"):
         _good(tmp_path / split / "a" / "1.jpg")
+        _good(tmp_path / split / "b" / "1.jpg", 1)
         _write(tmp_path / split / "a" / "bad.jpg", b"oops")
     splits = build_splits(tmp_path)
     assert sorted(e.path.parts[-3] for e in splits.skipped) == ["train", "val"]
@@ -357,3 +359,211 @@ def test_dataset_names_a_file_corrupted_after_scanning(tmp_path):
     broken.unlink()
     with pytest.raises(ImageError, match="not found"):
         ds[1]
+
+
+# ------------------------------------------------------------------------------------------ data that cannot train
+
+
+def _classes(root: Path, names, per_class: int = 2) -> Path:
+    for c, name in enumerate(names):
+        for i in range(per_class):
+            _good(root / name / f"{i}.jpg", c * 7 + i)
+    return root
+
+
+def test_a_single_class_cannot_train(tmp_path):
+    root = _classes(tmp_path / "one", ["akari"], per_class=4)
+    with pytest.raises(DatasetError, match="at least 2 classes") as info:
+        build_splits(root, val_fraction=0.25)
+    assert str(root) in str(info.value) and "akari" in str(info.value) and "found 1" in str(info.value)
+    assert len(build_splits(root, val_fraction=0.25, min_classes=1).class_names) == 1  # callers may lower the floor
+
+
+def test_a_single_class_in_train_val_layout_cannot_train(tmp_path):
+    _classes(tmp_path / "train", ["akari"])
+    _classes(tmp_path / "val", ["akari"])
+    with pytest.raises(DatasetError, match="at least 2 classes") as info:
+        build_splits(tmp_path)
+    assert str(tmp_path / "train") in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("folders", "expected"),
+    [
+        (["train"], "holds train/ but no val/"),
+        (["train", "validation"], "holds train/, validation/ but no val/"),
+        (["train", "valid"], "but no val/"),
+        (["test", "train"], "holds test/, train/ but no val/"),
+        (["val"], "holds val/ but no train/"),
+        (["test", "validation"], "but no train/"),
+        (["Train", "Val"], "rename the folders to train/ and val/"),
+    ],
+)
+def test_split_folders_are_not_classes(tmp_path, folders, expected):
+    """A root with only some split folders used to train one class per split folder (top-1 1.0 on "train")."""
+    for name in folders:
+        _classes(tmp_path / name, ["akari", "botan"])
+    with pytest.raises(DatasetError) as info:
+        build_splits(tmp_path, val_fraction=0.2)
+    message = str(info.value)
+    assert expected in message and str(tmp_path) in message
+    if "no val/" in expected:  # says how to fix it
+        assert f"{tmp_path}/val/" in message and "--val-fraction" in message and "--val-data" in message
+        assert str(tmp_path / "train") in message
+
+
+def test_train_val_root_given_with_val_data(tmp_path, synth_split_root):
+    with pytest.raises(DatasetError, match="without --val-data") as info:
+        build_splits(synth_split_root, val_root=synth_split_root / "val")
+    assert str(synth_split_root) in str(info.value)
+
+
+def test_every_class_with_one_image_leaves_no_validation(tmp_path):
+    root = _classes(tmp_path / "solo", ["akari", "botan", "chiyo"], per_class=1)
+    with pytest.raises(DatasetError, match="at least 2 images per class") as info:
+        build_splits(root, val_fraction=0.2)
+    message = str(info.value)
+    assert str(root) in message and "akari, botan, chiyo" in message and "--val-data" in message
+    assert "set --val-fraction > 0" not in message  # it already is
+
+
+def test_zero_val_fraction_without_val_folder(tmp_path):
+    root = _classes(tmp_path / "flat", ["akari", "botan"])
+    with pytest.raises(DatasetError, match="--val-fraction is 0") as info:
+        build_splits(root, val_fraction=0.0)
+    assert str(root) in str(info.value)
+    splits = build_splits(root, val_fraction=0.0, require_val=False)  # e.g. a task that validates otherwise
+    assert splits.val == [] and len(splits.train) == 4
+
+
+def test_some_single_image_classes_still_split(tmp_path):
+    root = _classes(tmp_path / "mixed", ["akari", "botan"], per_class=3)
+    _good(root / "chiyo" / "only.jpg", 5)
+    splits = build_splits(root, val_fraction=0.34)
+    assert Counter(splits.class_names[y] for _, y in splits.val) == {"akari": 1, "botan": 1}
+
+
+# ----------------------------------------------------------------------------------- links and unreadable entries
+
+
+def _reasons(errors, root: Path) -> dict[str, str]:
+    return {e.path.relative_to(root).as_posix(): e.reason for e in errors}
+
+
+def test_broken_links_and_link_loops_are_reported(tmp_path):
+    root = _classes(tmp_path / "data", ["akari", "botan"])
+    outside = _good(tmp_path / "elsewhere" / "pic.jpg", 3)
+    (root / "akari" / "linked.jpg").symlink_to(outside)  # a link to a good image is a good image
+    (root / "akari" / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")
+    (root / "akari" / "self.jpg").symlink_to("self.jpg")
+    (root / "botan" / "ping.jpg").symlink_to("pong.jpg")
+    (root / "botan" / "pong.jpg").symlink_to("ping.jpg")
+    (root / "botan" / "sub").mkdir()
+    (root / "botan" / "sub" / "up").symlink_to("..")  # a folder loop: must not hang or duplicate images
+    (root / "ghost").symlink_to(tmp_path / "no_such_class")  # a class folder that is a broken link
+    result = scan_folder(root)
+    assert result.class_names == ["akari", "botan"]
+    names = sorted(p.relative_to(root).as_posix() for p, _ in result.samples)
+    assert names == ["akari/0.jpg", "akari/1.jpg", "akari/linked.jpg", "botan/0.jpg", "botan/1.jpg"]
+    reasons = _reasons(result.errors, root)
+    assert set(reasons) == {"akari/gone.jpg", "akari/self.jpg", "botan/ping.jpg", "botan/pong.jpg", "botan/sub/up",
+                            "ghost"}
+    assert reasons["akari/gone.jpg"] == f"broken symbolic link -> {tmp_path / 'deleted.jpg'}"
+    assert reasons["ghost"] == f"broken symbolic link -> {tmp_path / 'no_such_class'}"
+    for loop in ("akari/self.jpg", "botan/ping.jpg", "botan/pong.jpg", "botan/sub/up"):
+        assert reasons[loop].startswith("symbolic link loop"), loop
+    with pytest.raises(DatasetError, match="gone.jpg|self.jpg|ping.jpg|pong.jpg|up"):
+        scan_folder(root, strict=True)
+
+
+def test_class_of_only_broken_links_names_each(tmp_path):
+    root = _classes(tmp_path / "data", ["akari"])
+    (root / "botan").mkdir()
+    (root / "botan" / "a.jpg").symlink_to(tmp_path / "missing_a.jpg")
+    (root / "botan" / "b.png").symlink_to("b.png")
+    (root / "botan" / "nested").mkdir()
+    (root / "botan" / "nested" / "c.jpg").symlink_to(tmp_path / "missing_c.jpg")
+    with pytest.raises(DatasetError) as info:
+        scan_folder(root)
+    message = str(info.value)
+    assert f"{root / 'botan'}: all files unreadable" in message and "akari" not in message
+    for bad in ("botan/a.jpg", "botan/b.png", "botan/nested/c.jpg"):
+        assert str(root / bad) in message
+    assert message.count("broken symbolic link") == 2 and message.count("symbolic link loop") == 1
+
+
+def test_class_folder_linking_back_to_the_root(tmp_path):
+    root = _classes(tmp_path / "data", ["akari", "botan"])
+    (root / "loop").symlink_to(".")
+    with pytest.raises(DatasetError, match="all files unreadable") as info:
+        scan_folder(root)
+    assert f"{root / 'loop'}: symbolic link loop" in str(info.value)
+
+
+def test_linked_class_folders_and_subfolders_are_followed(tmp_path):
+    root = _classes(tmp_path / "data", ["akari"])
+    _classes(tmp_path / "store", ["botan_pics", "more"])
+    (root / "botan").symlink_to(tmp_path / "store" / "botan_pics")
+    (root / "akari" / "extra").symlink_to(tmp_path / "store" / "more")
+    result = scan_folder(root)
+    assert result.errors == [] and result.class_names == ["akari", "botan"]
+    assert Counter(result.class_names[y] for _, y in result.samples) == {"akari": 4, "botan": 2}
+
+
+def test_unreadable_subfolder_is_reported(tmp_path, monkeypatch):
+    root = _classes(tmp_path / "data", ["akari", "botan"])
+    locked = root / "botan" / "locked"
+    _good(locked / "x.jpg")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    result = scan_folder(root)
+    assert _reasons(result.errors, root) == {"botan/locked": "folder not readable: permission denied"}
+    assert len(result.samples) == 4
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_file_and_folder_for_real(tmp_path):
+    root = _classes(tmp_path / "data", ["akari", "botan"])
+    secret = _good(root / "akari" / "secret.jpg", 9)
+    locked = root / "botan" / "locked"
+    _good(locked / "x.jpg")
+    secret.chmod(0)
+    locked.chmod(0)
+    try:
+        reasons = _reasons(scan_folder(root).errors, root)
+    finally:
+        secret.chmod(0o644)
+        locked.chmod(0o755)
+    assert reasons == {"akari/secret.jpg": "permission denied",
+                       "botan/locked": "folder not readable: permission denied"}
+
+
+def test_predict_paths_keep_bad_links_for_reporting(tmp_path):
+    from animeai.inference import expand_paths
+
+    folder = tmp_path / "pics"
+    good = _good(folder / "a.jpg")
+    (folder / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")
+    (folder / "loop.png").symlink_to("loop.png")
+    (folder / "notes.txt").write_text("not an image name: ignored")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "up").symlink_to("..")
+    paths = expand_paths([folder, tmp_path / "given_broken.jpg"])
+    assert paths == [good, folder / "gone.jpg", folder / "loop.png", folder / "sub" / "up",
+                     tmp_path / "given_broken.jpg"]
+    (tmp_path / "given_broken.jpg").symlink_to("nowhere.jpg")
+    reasons = {}
+    for p in paths[1:]:
+        with pytest.raises(ImageError) as info:
+            load_image(p)
+        reasons[p.name] = info.value.reason
+    assert reasons["gone.jpg"].startswith("broken symbolic link ->")
+    assert reasons["given_broken.jpg"] == "broken symbolic link -> nowhere.jpg"
+    assert reasons["loop.png"].startswith("symbolic link loop")
+    assert reasons["up"].startswith("symbolic link loop")

@@ -126,6 +126,52 @@ def test_directory(tmp_path: Path) -> None:
     _assert_error(path, "not a regular file")
 
 
+def test_broken_symbolic_link_names_its_target(tmp_path: Path) -> None:
+    link = tmp_path / "gone.jpg"
+    link.symlink_to(tmp_path / "deleted.jpg")
+    err = _assert_error(link, "broken symbolic link")
+    assert err.reason == f"broken symbolic link -> {tmp_path / 'deleted.jpg'}"
+
+
+def test_symbolic_link_loops(tmp_path: Path) -> None:
+    (tmp_path / "self.jpg").symlink_to("self.jpg")
+    (tmp_path / "ping.jpg").symlink_to("pong.jpg")
+    (tmp_path / "pong.jpg").symlink_to("ping.jpg")
+    assert _assert_error(tmp_path / "self.jpg", "symbolic link loop").reason == "symbolic link loop (-> self.jpg)"
+    assert _assert_error(tmp_path / "ping.jpg", "symbolic link loop").reason == "symbolic link loop (-> pong.jpg)"
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "up.png").symlink_to("..")  # a folder link back to its own parent
+    _assert_error(tmp_path / "sub" / "up.png", "symbolic link loop")
+
+
+def test_link_to_a_good_image_loads(tmp_path: Path) -> None:
+    target = _save(Image.new("RGB", (5, 4), (1, 2, 3)), tmp_path / "real.png")
+    (tmp_path / "alias.png").symlink_to(target)
+    assert load_image(tmp_path / "alias.png").getpixel((0, 0)) == (1, 2, 3)
+
+
+def test_permission_denied_when_opening(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _save(Image.new("RGB", (4, 4)), tmp_path / "locked.png")
+
+    def refuse(fp, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(fp))
+
+    monkeypatch.setattr(Image, "open", refuse)
+    assert _assert_error(path, "permission denied").reason == "permission denied"
+    good, errors = validate_images([path])
+    assert good == [] and errors[0].reason == "permission denied"
+
+
+def test_pillow_oserror_without_errno_is_not_an_access_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _save(Image.new("RGB", (4, 4)), tmp_path / "odd.png")
+
+    def fail(fp, *args, **kwargs):
+        raise OSError("decoder xyz not available")
+
+    monkeypatch.setattr(Image, "open", fail)
+    assert _assert_error(path, "decoder xyz").reason == "unexpected OSError: decoder xyz not available"
+
+
 def test_truncated_jpeg(tmp_path: Path) -> None:
     data = io.BytesIO()
     _noise_rgb(128, 128).save(data, "JPEG", quality=95)

@@ -8,8 +8,10 @@ reason and skipped (or, with ``strict``, fails the run); a class left without im
 from __future__ import annotations
 
 import math
+import os
 import random
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,13 +19,24 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from animeai.data.images import DEFAULT_MAX_PIXELS, ImageError, load_image, validate_images
+from animeai.data.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    access_error,
+    link_loop_error,
+    load_image,
+    validate_images,
+)
 
 Sample = tuple[Path, int]
 
 
 class DatasetError(ValueError):
     """A dataset folder that cannot be used (missing, empty, inconsistent classes)."""
+
+
+SPLIT_FOLDER_NAMES: frozenset[str] = frozenset({"train", "val", "validation", "valid", "test"})
+"""Folder names (compared case-insensitively) that mark a train/val layout; never read as character classes."""
 
 
 def _visible(name: str) -> bool:
@@ -36,22 +49,131 @@ def has_train_val(root: str | Path) -> bool:
     return (root / "train").is_dir() and (root / "val").is_dir()
 
 
-def find_classes(root: str | Path) -> list[str]:
-    """Sorted class names: the visible sub-folders of ``root`` (any unicode name)."""
-    root = Path(root)
+def _list_dir(folder: Path) -> list[os.DirEntry]:
+    """Visible entries of ``folder``, sorted by name; ``OSError`` if it cannot be listed."""
+    with os.scandir(folder) as it:
+        return sorted((e for e in it if _visible(e.name)), key=lambda e: e.name)
+
+
+def _dir_key(path: str | os.PathLike[str]) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _classes_and_errors(root: Path) -> tuple[list[str], list[ImageError]]:
+    """Class folders of ``root`` plus errors for root entries that cannot be followed (broken links, loops)."""
     if not root.exists():
+        if root.is_symlink():
+            raise DatasetError(f"{root}: dataset folder is a broken symbolic link -> {os.readlink(root)}")
         raise DatasetError(f"{root}: dataset folder not found (expected {root}/<character>/<images>)")
     if not root.is_dir():
         raise DatasetError(f"{root}: not a folder")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and _visible(p.name))
+    try:
+        entries = _list_dir(root)
+    except OSError as exc:
+        raise DatasetError(f"{root}: cannot read the dataset folder ({exc.strerror or exc})") from None
+    classes, errors = [], []
+    for e in entries:
+        try:
+            if e.is_dir():
+                classes.append(e.name)
+            else:
+                os.stat(e.path)  # a regular file (ignored) or a link that cannot be followed (reported)
+        except OSError as exc:
+            errors.append(access_error(e.path, exc))
     if not classes:
-        raise DatasetError(f"{root}: no character folders inside (expected {root}/<character>/<images>)")
-    return classes
+        found = f" (unusable entries: {'; '.join(map(str, errors))})" if errors else ""
+        raise DatasetError(f"{root}: no character folders inside (expected {root}/<character>/<images>){found}")
+    return classes, errors
 
 
-def visible_files(folder: Path) -> list[Path]:
-    """Every file below ``folder`` (recursively, sorted), skipping hidden files and folders."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and all(_visible(q) for q in p.relative_to(folder).parts))
+def find_classes(root: str | Path) -> list[str]:
+    """Sorted class names: the visible sub-folders of ``root`` (any unicode name)."""
+    return _classes_and_errors(Path(root))[0]
+
+
+def walk_files(folder: str | Path) -> tuple[list[Path], list[ImageError]]:
+    """Every visible non-folder entry below ``folder`` (recursively, sorted) and the folders that cannot be walked.
+
+    Hidden files and folders are skipped. Folder links are followed, except one leading back to a folder that
+    encloses it (a link loop). Entries that cannot be followed (broken links, file link loops) and unreadable
+    files are returned as files: opening them (:func:`animeai.data.images.load_image`) names the problem.
+    Folders that cannot be listed (permission denied) and folder link loops are returned as ``ImageError``.
+    """
+    folder = Path(folder)
+    files: list[Path] = []
+    errors: list[ImageError] = []
+    try:
+        parent = folder.absolute().parent.resolve()
+        enclosing = {_dir_key(p) for p in (parent, *parent.parents)}  # a link to any of these never ends
+        own = _dir_key(folder)
+    except OSError as exc:
+        return [], [access_error(folder, exc)]
+    except RuntimeError as exc:  # Python < 3.13: a link loop met while resolving
+        return [], [ImageError(folder, f"symbolic link loop ({exc})")]
+    if own in enclosing:
+        return [], [link_loop_error(folder, os.path.realpath(folder))]
+    stack: list[tuple[Path, frozenset[tuple[int, int]]]] = [(folder, frozenset(enclosing | {own}))]
+    while stack:
+        current, ancestors = stack.pop()
+        try:
+            entries = _list_dir(current)
+        except OSError as exc:
+            reason = "permission denied" if isinstance(exc, PermissionError) else (exc.strerror or str(exc))
+            errors.append(ImageError(current, f"folder not readable: {reason}"))
+            continue
+        for e in entries:
+            path = Path(e.path)
+            try:
+                is_dir = e.is_dir()  # follows links; False for broken links and link loops
+                key = _dir_key(path) if is_dir else None
+            except OSError:
+                is_dir, key = False, None
+            if not is_dir:
+                files.append(path)
+            elif key in ancestors:
+                errors.append(link_loop_error(path, os.path.realpath(path)))
+            else:
+                stack.append((path, ancestors | {key}))
+    return sorted(files), sorted(errors, key=lambda err: err.path)
+
+
+def visible_files(folder: str | Path) -> list[Path]:
+    """Every path below ``folder`` that a caller must load or report (sorted): the entries of :func:`walk_files`
+    plus the folders it could not walk. Loading any bad one raises an ``ImageError`` that names the problem."""
+    files, errors = walk_files(folder)
+    return sorted(files + [e.path for e in errors])
+
+
+def check_not_split_folders(root: str | Path, classes: Sequence[str]) -> None:
+    """Refuse class folders named like the folders of a train/val layout (``train/`` without ``val/``, ...).
+
+    Such a root would otherwise train one class called "train" (or "val", "test", ...).
+    """
+    root = Path(root)
+    split = [c for c in classes if c.casefold() in SPLIT_FOLDER_NAMES]
+    if not split:
+        return
+    by_fold = {c.casefold(): c for c in split}
+    have = ", ".join(f"{c}/" for c in split)
+    others = [c for c in split if c.casefold() not in ("train", "val")]
+    if "train" in by_fold and "val" not in by_fold:
+        rename = f" (or rename {others[0]}/ to val/)" if others else ""
+        what, fix = f"holds {have} but no val/", (
+            f"add {root}/val/<character>/{rename}, or point --data at {root / by_fold['train']} and let "
+            "--val-fraction split it, or give a validation folder with --val-data")
+    elif "train" not in by_fold:
+        what, fix = f"holds {have} but no train/", (
+            f"add {root}/train/<character>/ next to it, or point --data at the folder of training character folders")
+    elif "train" in classes and "val" in classes:  # the right layout, scanned as classes (e.g. with --val-data)
+        what, fix = f"holds {have}", (
+            f"give --data {root} without --val-data, or point --data at {root}/train")
+    else:
+        what, fix = f"holds {have}", "rename the folders to train/ and val/ (lower case)"
+    raise DatasetError(
+        f"{root}: {what}: these are split folders, not character classes (a train/val layout needs both "
+        f"{root}/train/<character>/ and {root}/val/<character>/). Fix: {fix}."
+    )
 
 
 @dataclass
@@ -75,7 +197,8 @@ def scan_folder(
     a folder naming an unknown class is then an error.
     """
     root = Path(root)
-    found = find_classes(root)
+    found, errors = _classes_and_errors(root)
+    check_not_split_folders(root, found)
     if class_names is None:
         class_names = found
     else:
@@ -85,8 +208,11 @@ def scan_folder(
     index = {name: i for i, name in enumerate(class_names)}
     candidates: list[Sample] = []
     for name in found:
-        candidates += [(p, index[name]) for p in visible_files(root / name)]
-    ok, errors = validate_images([p for p, _ in candidates], max_pixels=max_pixels)
+        files, walk_errors = walk_files(root / name)
+        candidates += [(p, index[name]) for p in files]
+        errors += walk_errors
+    ok, bad_files = validate_images([p for p, _ in candidates], max_pixels=max_pixels)
+    errors = sorted(errors + bad_files, key=lambda e: e.path)
     if strict and errors:
         raise DatasetError(f"unreadable image (strict mode): {errors[0]}")
     good = set(ok)
@@ -100,7 +226,10 @@ def scan_folder(
         details = "; ".join(
             f"{root / n}: " + ("all files unreadable" if n in bad else "no files") for n in empty
         )
-        raise DatasetError(f"class(es) with no usable image: {details}")
+        shown = [e for e in errors if e.path.relative_to(root).parts[0] in empty]
+        listing = "".join(f"\n  skipped {e}" for e in shown[:20])
+        more = f"\n  ... and {len(shown) - 20} more" if len(shown) > 20 else ""
+        raise DatasetError(f"class(es) with no usable image: {details}{listing}{more}")
     return ScanResult(list(class_names), samples, errors)
 
 
@@ -144,7 +273,17 @@ def build_splits(
     split_seed: int = 0,
     strict: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_classes: int = 2,
+    require_val: bool = True,
 ) -> DataSplits:
+    """Scan and split a dataset for training, refusing data that cannot train a classifier.
+
+    Layouts: ``root/train/`` + ``root/val/``; ``root`` + a separate ``val_root``; or ``root`` alone, split per
+    class with :func:`stratified_split`. Raises :class:`DatasetError` (naming the folder) when the training data
+    has fewer than ``min_classes`` classes, when ``root`` holds only some of the split folders (``train/``
+    without ``val/``, ...), and, with ``require_val``, when no validation image is left (``val_fraction`` 0, or
+    every class has a single image).
+    """
     root = Path(root)
     if val_root is None and has_train_val(root):
         root, val_root = root / "train", root / "val"
@@ -154,16 +293,37 @@ def build_splits(
     else:
         layout = f"stratified split val_fraction={val_fraction} seed={split_seed}"
     train_scan = scan_folder(root, strict=strict, max_pixels=max_pixels)
+    names = train_scan.class_names
+    if len(names) < min_classes:
+        raise DatasetError(
+            f"{root}: found {len(names)} character folder(s) ({', '.join(names)}), but training a classifier needs "
+            f"at least {min_classes} classes: one folder per character, {root}/<character>/<images>"
+        )
     if val_root is None:
         train, val = stratified_split(train_scan.samples, val_fraction, split_seed)
         skipped = train_scan.errors
     else:
         val_scan = scan_folder(
-            val_root, train_scan.class_names, strict=strict, max_pixels=max_pixels, require_all_classes=False
+            val_root, names, strict=strict, max_pixels=max_pixels, require_all_classes=False
         )
         train, val = train_scan.samples, val_scan.samples
         skipped = train_scan.errors + val_scan.errors
-    return DataSplits(train_scan.class_names, train, val, skipped, layout)
+    if require_val and not val:
+        if val_root is not None:
+            raise DatasetError(f"{val_root}: no usable validation image")
+        if val_fraction == 0:
+            problem = "--val-fraction is 0; set it > 0, or"
+        else:
+            counts = Counter(y for _, y in train)
+            singles = [names[y] for y in sorted(counts) if counts[y] == 1]
+            listed = ", ".join(singles[:10]) + (f" and {len(singles) - 10} more" if len(singles) > 10 else "")
+            problem = f"a split needs at least 2 images per class, but every class has a single image ({listed}); " \
+                      "add images, or"
+        raise DatasetError(
+            f"{root}: no validation images: {problem} give validation data (the {root}/train/ + {root}/val/ "
+            "layout, or --val-data)"
+        )
+    return DataSplits(names, train, val, skipped, layout)
 
 
 def report_skipped(errors: Sequence[ImageError], limit: int = 20, stream=sys.stderr) -> None:

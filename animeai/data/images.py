@@ -7,6 +7,7 @@ EXIF-rotated, reduced to their first frame and converted to 8-bit RGB, with tran
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import struct
@@ -19,7 +20,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "ImageError", "load_image", "validate_images"]
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "IMAGE_EXTENSIONS",
+    "ImageError",
+    "access_error",
+    "link_loop_error",
+    "load_image",
+    "validate_images",
+]
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 """Lower-case file suffixes (with the dot) treated as images."""
@@ -117,19 +126,69 @@ def _check_limits(max_pixels: int, draft_size: int | None) -> None:
 
 
 def _check_file(path: Path) -> None:
-    """Raise ImageError unless ``path`` is an existing, non-empty regular file."""
+    """Raise ImageError unless ``path`` is an existing, non-empty regular file (or a link to one)."""
     try:
         st = path.stat()
-    except FileNotFoundError:
-        raise ImageError(path, "file not found") from None
-    except PermissionError:
-        raise ImageError(path, "permission denied") from None
     except OSError as exc:
-        raise ImageError(path, f"cannot access file ({type(exc).__name__}: {exc})") from None
+        raise access_error(path, exc) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ImageError(path, _folder_reason(path))
     if not stat.S_ISREG(st.st_mode):
         raise ImageError(path, "not a regular file")
     if st.st_size == 0:
         raise ImageError(path, "empty file (0 bytes)")
+
+
+def _link_target(path: Path) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return "?"
+
+
+def _is_symlink(path: Path) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def access_error(path: str | os.PathLike[str], exc: OSError) -> ImageError:
+    """The :class:`ImageError` for a path that cannot be stat'ed or opened: one wording for every caller.
+
+    Broken symbolic links say where they point (``"broken symbolic link -> target"``), link cycles say
+    ``"symbolic link loop (-> target)"``, and permission problems ``"permission denied"``.
+    """
+    path = Path(path)
+    if exc.errno == errno.ELOOP:
+        return ImageError(path, f"symbolic link loop (-> {_link_target(path)})")
+    if isinstance(exc, FileNotFoundError):
+        if _is_symlink(path):
+            return ImageError(path, f"broken symbolic link -> {_link_target(path)}")
+        return ImageError(path, "file not found")
+    if isinstance(exc, PermissionError):
+        return ImageError(path, "permission denied")
+    return ImageError(path, f"cannot access file ({type(exc).__name__}: {exc.strerror or exc})")
+
+
+def link_loop_error(path: str | os.PathLike[str], ancestor: str | os.PathLike[str]) -> ImageError:
+    """A folder link leading back to a folder that encloses it (following it would never end)."""
+    path = Path(path)
+    return ImageError(path, f"symbolic link loop (-> {_link_target(path)}, back to the enclosing folder {ancestor})")
+
+
+def _folder_reason(path: Path) -> str:
+    """Why a folder given where an image file is expected cannot be used."""
+    if _is_symlink(path):
+        try:
+            target, parent = path.resolve(), path.parent.resolve()
+        except (OSError, RuntimeError):  # RuntimeError: Python < 3.13 reports loops met while resolving so
+            target = parent = None
+        if target is not None and (target == parent or target in parent.parents):
+            return link_loop_error(path, target).reason
+    if not os.access(path, os.R_OK | os.X_OK):
+        return "folder not readable: permission denied"
+    return "a folder, not a regular file"
 
 
 def _too_large_reason(width: int, height: int, max_pixels: int) -> str:
@@ -167,6 +226,10 @@ def _load_image(path: Path, max_pixels: int, draft_size: int | None) -> Image.Im
         raise ImageError(path, "not a recognised image format") from None
     except MemoryError:
         raise ImageError(path, "out of memory while decoding") from None
+    except OSError as exc:
+        if exc.errno is None:  # Pillow's own OSErrors carry no errno
+            raise ImageError(path, f"unexpected OSError: {exc}") from None
+        raise access_error(path, exc) from None  # permissions, I/O errors, a link changed since the check
     except Exception as exc:  # any other Pillow failure must name the file
         raise ImageError(path, f"unexpected {type(exc).__name__}: {exc}") from None
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import colorsys
+import json
 import math
 import os
 import random
@@ -490,6 +491,58 @@ def render_character(spec: CharacterSpec, rng: random.Random, image_size: int = 
 # ------------------------------------------------------------------------------------------ dataset
 
 
+MANIFEST_NAME = ".animeai-synthetic.json"
+"""Written into ``out_dir`` first: the parameters of the synthetic set (a hidden file, so never read as data)."""
+
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 16, 4096
+
+
+def _check_int(value: object, name: str, flag: str, low: int, high: int | None = None) -> int:
+    """``value`` as an int in ``[low, high]``, else ValueError naming the parameter and its CLI flag."""
+    span = f">= {low}" if high is None else f"between {low} and {high}"
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        raise ValueError(f"{name} ({flag}) must be an integer {span}, got {value!r}")
+    return value
+
+
+def _check_out_dir(root: Path, params: dict) -> None:
+    """Refuse an output folder that is a file or already holds data other than this very synthetic set."""
+    for p in (root, *root.parents):
+        if p.exists() or p.is_symlink():
+            if not p.is_dir():
+                what = "exists and is not a folder" if p == root else f"cannot be created: {p} is not a folder"
+                raise FileExistsError(f"output folder {root} {what}")
+            break
+    if not root.is_dir():
+        return
+    manifest = root / MANIFEST_NAME
+    if manifest.is_file():
+        try:
+            previous = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            previous = None
+        if previous == params:
+            return  # the same set again: its files are rewritten (identical bytes), other files are left alone
+        if isinstance(previous, dict):
+            diff = ", ".join(
+                f"{k} {previous.get(k)!r} there, {v!r} now" for k, v in params.items() if previous.get(k) != v
+            )
+        else:
+            diff = f"unreadable {MANIFEST_NAME}"
+        raise FileExistsError(
+            f"output folder {root} already holds a synthetic dataset made with other parameters ({diff}); "
+            "refusing to mix datasets (choose an empty folder or delete it first)"
+        )
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        data = [f for f in filenames if not f.startswith(".")]
+        if data:
+            raise FileExistsError(
+                f"output folder {root} already contains files (e.g. {Path(dirpath) / data[0]}); refusing to mix "
+                "datasets (choose an empty folder or delete it first)"
+            )
+
+
 def make_synthetic_dataset(
     out_dir: str | os.PathLike[str],
     num_classes: int = 6,
@@ -505,13 +558,31 @@ def make_synthetic_dataset(
     ``round(images_per_class * val_fraction)``, at least 1); else ``out_dir/<name>/`` directly.
     Deterministic: same args -> byte-identical files. Character identities do not depend on ``seed``
     (it only drives per-image variation), so datasets made with different seeds share classes.
-    Raises ``FileExistsError`` before writing anything if a target class folder already holds files.
     ``names`` overrides the built-in names (``len(names) == num_classes``; may exceed the built-in count).
+
+    Limits (``ValueError`` naming the parameter and its ``animeai synth`` flag): 2 <= ``num_classes`` <= the
+    built-in names (unless ``names``), ``images_per_class`` >= 1 (>= 2 with ``val_fraction > 0``), 16 <=
+    ``image_size`` <= 4096, 0 <= ``val_fraction`` < 1.
+
+    Existing output: ``out_dir`` may be missing or hold no visible file. It may also hold an earlier synthetic
+    set made with exactly the same parameters (recorded in ``out_dir/.animeai-synthetic.json``, written before
+    any image): then its files are rewritten with identical bytes, which also completes an interrupted run;
+    files it did not write are left alone. Anything else (a file, other data, a synthetic set with other
+    parameters) raises ``FileExistsError`` naming the folder, before anything is written.
     """
-    if not isinstance(images_per_class, int) or images_per_class < 1:
-        raise ValueError(f"images_per_class must be a positive integer, got {images_per_class!r}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    max_classes = len(CHARACTER_NAMES) if names is None else None
+    _check_int(num_classes, "num_classes", "--num-classes", 2, max_classes)
+    _check_int(images_per_class, "images_per_class", "--images-per-class", 1)
+    _check_int(image_size, "image_size", "--image-size", MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed (--seed) must be an integer, got {seed!r}")
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction (--val-fraction) must be in [0, 1), got {val_fraction!r}")
+    if val_fraction > 0 and images_per_class < 2:
+        raise ValueError(
+            f"images_per_class (--images-per-class) must be >= 2 with val_fraction > 0 (one training and one "
+            f"validation image per class), got {images_per_class}; or set --val-fraction 0"
+        )
     if names is None:
         specs = character_specs(num_classes)
     else:
@@ -527,28 +598,24 @@ def make_synthetic_dataset(
 
     n_val = max(1, round(images_per_class * val_fraction)) if val_fraction > 0 else 0
     n_train = images_per_class - n_val
-    if n_train < 1:
+    if n_train < 1:  # cannot happen after the checks above; kept as a guard
         raise ValueError(
             f"val_fraction={val_fraction} leaves no training images out of images_per_class={images_per_class}"
         )
     root = Path(out_dir)
+    params = {
+        "generator": "animeai.data.synthetic", "names": [s.name for s in specs], "images_per_class": images_per_class,
+        "image_size": image_size, "seed": seed, "val_fraction": float(val_fraction),
+    }
+    _check_out_dir(root, params)  # refuse up front, so nothing is half-written
     splits: list[tuple[str, Path, int, int]]  # (split, root, first index, count)
     if n_val:
         splits = [("train", root / "train", 1, n_train), ("val", root / "val", n_train + 1, n_val)]
     else:
         splits = [("all", root, 1, n_train)]
 
-    for _, split_root, _, _ in splits:  # refuse up front, so nothing is half-written
-        for spec in specs:
-            cdir = split_root / spec.name
-            if cdir.is_dir() and any(cdir.iterdir()):
-                raise FileExistsError(
-                    f"class folder {cdir} already contains files; refusing to mix datasets "
-                    "(choose an empty out_dir or delete it first)"
-                )
-            if cdir.exists() and not cdir.is_dir():
-                raise FileExistsError(f"{cdir} exists and is not a directory")
-
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MANIFEST_NAME).write_text(json.dumps(params, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     for split, split_root, first, count in splits:
         for spec in specs:
             cdir = split_root / spec.name
@@ -579,7 +646,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             seed=args.seed,
             val_fraction=args.val_fraction,
         )
-    except (ValueError, FileExistsError) as e:
+    except (ValueError, OSError) as e:
         p.error(str(e))
     total = len(classes) * args.images_per_class
     print(

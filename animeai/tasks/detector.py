@@ -66,7 +66,8 @@ class DetectorTask(Task):
             accelerator.print(f"data: {len(splits.class_names)} classes, {len(splits.train)} train / "
                               f"{len(splits.val)} val images ({splits.layout})")
         if not splits.val:
-            raise ValueError(f"{d.root}: no validation images; add a val/ folder or set --val-fraction > 0")
+            raise ValueError(f"{d.root}: no validation images; give a val/ folder or --val-data, or (with "
+                             "--val-fraction > 0) at least 2 images per class for the split")
         self.class_names = splits.class_names
         spec = get_model_spec(cfg.model.arch)
         model = create_model(cfg.model.arch, len(self.class_names), pretrained=cfg.model.pretrained,
