@@ -15,7 +15,8 @@ examples:
   animeai synth data/demo --num-classes 6 --images-per-class 40
   animeai train detector --data data/all_characters --out models/character_classifier.pth --epochs 10
   animeai train detector --config animeai/configs/holo20_lite0.yaml --data ../shared/datasets/holo20
-  animeai train detector --out models/character_classifier.pth --resume
+  animeai train detector --out models/character_classifier.pth --resume --epochs 20   # continue a run
+  animeai train detector --out models/character_classifier.pth --overwrite ...       # start it over
   animeai evaluate --model models/character_classifier.pth --data data/all_characters --out eval.json
   animeai predict --model models/character_classifier.pth picture.jpg more_pictures/
 """
@@ -57,7 +58,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from animeai.tasks import get_task
 
     cfg_cls, task_cls = get_task(args.task)
-    cfg = config_from_args(cfg_cls, args, args.config)
+    if getattr(args, "run.resume", False):
+        # --resume continues the run with its saved config; flags given now may change only what is safe.
+        from animeai.config import explicit_overrides
+        from animeai.runs import resume_config
+
+        cfg = resume_config(cfg_cls, explicit_overrides(cfg_cls, args, args.config))
+    else:
+        cfg = config_from_args(cfg_cls, args, args.config)
     result = train(cfg, task_cls(cfg))
     best = {k: v for k, v in result.best_metrics.items() if isinstance(v, (int, float))}
     print(json.dumps({"model": str(result.model_path), "run_dir": str(result.run_dir), "best": best}, indent=2))
@@ -212,6 +220,32 @@ def add_utility_parsers(sub) -> None:
     p.set_defaults(func=cmd_synth)
 
 
+# -------------------------------------------------------------------------------------------- generate
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from animeai.generation import generate_grid
+
+    info = generate_grid(args.model, args.n, args.out, seed=args.seed, nrow=args.nrow, device=args.device)
+    print(f"wrote {info['out']}: {info['n']} images of {info['character']}", file=sys.stderr)
+    _write_json(info, None)
+    return 0
+
+
+def add_generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="sample a trained generator into a PNG grid",
+                       description="Draw --n images of the character of a generator model file (its EMA weights) "
+                       "and write them as one PNG grid; prints a JSON summary.")
+    p.add_argument("--model", required=True, help="generator model file (animeai train generator)")
+    p.add_argument("--n", type=int, default=16, help="number of images (default: 16)")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--seed", type=int, default=None, help="noise seed: the same seed gives the same images "
+                   "(default: random)")
+    p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: a square-ish grid)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.set_defaults(func=cmd_generate)
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -225,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_inference_parsers(sub)
     add_utility_parsers(sub)
+    add_generate_parser(sub)
     return parser
 
 
@@ -233,12 +268,13 @@ def main(argv: list[str] | None = None) -> int:
     from animeai.config import ConfigError
     from animeai.data.folder import DatasetError
     from animeai.data.images import ImageError
+    from animeai.runs import RunError
     from animeai.weights import WeightsError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DatasetError, CheckpointError, WeightsError, ImageError, FileNotFoundError,
+    except (ConfigError, DatasetError, CheckpointError, WeightsError, ImageError, RunError, FileNotFoundError,
             FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

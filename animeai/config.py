@@ -377,7 +377,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             seen[name] = dotted
             default = f.default
             allowed = describe_range(f)
-            help_text = f"{f.metadata.get('help', '')} (default: {default}" + (f"; allowed: {allowed})" if allowed else ")")
+            help_text = f"{f.metadata.get('help', '')} (default: {default}{'; allowed: ' + allowed if allowed else ''})"
             kwargs: dict[str, Any] = dict(dest=dotted, default=argparse.SUPPRESS, help=help_text)
             base = _leaf_type(tp)
             if base is bool:
@@ -392,3 +392,27 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 def config_from_args(cls: type[C], args: argparse.Namespace, config_path: str | Path | None = None) -> C:
     overrides = {dotted: getattr(args, dotted) for dotted, _, _ in iter_leaves(cls) if hasattr(args, dotted)}
     return load_config(cls, config_path, overrides)
+
+
+def explicit_overrides(cls: type, args: argparse.Namespace, config_path: str | Path | None = None) -> dict[str, Any]:
+    """Only what the user set: the keys of a ``--config`` file, then the flags given (dotted keys)."""
+    out: dict[str, Any] = {}
+    if config_path is not None:
+        try:
+            raw = load_yaml(config_path)
+            out.update(flatten_dict(to_dict(from_dict(cls, raw)), keep=set(flatten_dict(raw))))
+        except ConfigError as exc:
+            raise ConfigError(f"{config_path}: {exc}") from None
+    out.update({dotted: getattr(args, dotted) for dotted, _, _ in iter_leaves(cls) if hasattr(args, dotted)})
+    return out
+
+
+def flatten_dict(d: dict[str, Any], keep: set[str] | None = None, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (only the dotted keys in ``keep``, when given)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten_dict(v, keep, f"{prefix}{k}."))
+        elif keep is None or f"{prefix}{k}" in keep:
+            out[f"{prefix}{k}"] = v
+    return out

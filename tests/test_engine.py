@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from animeai.checkpoint import read_model_file
 from animeai.config import RunConfig, opt, section
 from animeai.engine import load_trainer_state, train
+from animeai.runs import RunError
 from animeai.tasks.base import Task
 from animeai.tasks.detector import DetectorTask
 
@@ -34,7 +35,7 @@ def test_detector_loss_goes_down_and_beats_chance(small_cfg):
     assert meta["epoch"] == max(result.history, key=lambda m: m["val_top1"])["epoch"]
     assert meta["metrics"]["val_top1"] == result.best_metrics["val_top1"]
     assert meta["config"]["run"]["epochs"] == 4
-    assert meta["class_names"] == sorted(p.name for p in cfg_root(cfg).iterdir())
+    assert meta["class_names"] == sorted(p.name for p in cfg_root(cfg).iterdir() if p.is_dir())
     assert (result.run_dir / "config.yaml").is_file() and (result.run_dir / "split.json").is_file()
 
 
@@ -80,8 +81,9 @@ def test_resume_continues_from_the_right_epoch_and_matches_an_uninterrupted_run(
 
 def test_resume_without_saved_state_is_a_clear_error(small_cfg):
     cfg = small_cfg(**{"run.resume": True})
-    with pytest.raises(FileNotFoundError, match="no saved state"):
+    with pytest.raises(RunError, match="no saved state"):
         train(cfg, DetectorTask(cfg))
+    assert not cfg.run.resolved_run_dir().exists()  # a run that never started leaves no folder behind
 
 
 def test_grad_accumulation_steps_and_metrics_callback(small_cfg):

@@ -16,6 +16,10 @@ metrics callback. The contract:
 5. ``evaluate()`` returns float metrics (every process runs it; use ``gather_for_metrics``);
    ``monitor`` names the metric that picks the best model.
 6. ``export()`` returns ``(tensors, metadata)`` for the model file of the best epoch.
+7. ``run_files()`` returns ``{file name: text}`` written into the run folder once the run starts (e.g. the
+   detector's ``split.json``); a task never writes into the run folder from ``setup``.
+8. ``resume_safe_keys`` names task-specific config keys that a resumed run may change (besides the engine's
+   :data:`animeai.runs.RESUME_SAFE_KEYS`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class Task:
     monitor: str = "val_loss"
     monitor_mode: str = "min"  # "min" or "max"
     manual_optimization: bool = False
+    resume_safe_keys: frozenset[str] = frozenset()
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
@@ -57,6 +62,9 @@ class Task:
 
     def export(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         raise NotImplementedError
+
+    def run_files(self) -> dict[str, str]:
+        return {}
 
     # --- shared helpers ----------------------------------------------------------------------
     def batch_size_of(self, batch) -> int:

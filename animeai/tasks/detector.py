@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from animeai.config import DetectorConfig
+from animeai.config import ConfigError, DetectorConfig
 from animeai.data.folder import EpochShuffleSampler, ImageFolderDataset, build_splits, report_skipped
 from animeai.data.transforms import eval_transform, train_transform
 from animeai.metrics import topk_correct
 from animeai.models import create_model, get_model_spec
-from animeai.models.registry import freeze_stages, set_frozen_eval
+from animeai.models.registry import freeze_stages, init_head, set_frozen_eval
 from animeai.tasks.base import Task
 
 
@@ -52,28 +52,28 @@ class DetectorTask(Task):
     def setup(self, accelerator) -> None:
         cfg = self.cfg
         d, a = cfg.data, cfg.augment
+        # The model (and its pretrained weights) first: a weights source that cannot deliver, or a bad
+        # --freeze-stages, fails before any image is decoded. The head gets its class count after the data scan.
+        spec = get_model_spec(cfg.model.arch)
+        model = create_model(cfg.model.arch, 2, pretrained=cfg.model.pretrained, drop_rate=cfg.model.drop_rate)
+        self.pretrained_source = model.animeai_pretrained_source
+        try:
+            freeze_stages(model, cfg.model.freeze_stages)
+        except ValueError as exc:
+            raise ConfigError(f"config key 'model.freeze_stages' (--freeze-stages): {exc}") from None
         splits = build_splits(d.root, val_root=d.val_root, val_fraction=d.val_fraction, split_seed=d.split_seed,
                               strict=d.strict, max_pixels=d.max_image_pixels)
+        self.splits = splits
         if accelerator.is_main_process:
             report_skipped(splits.skipped)
-            run_dir = cfg.run.resolved_run_dir()
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "split.json").write_text(json.dumps({
-                "layout": splits.layout, "class_names": splits.class_names,
-                "train": [[str(p), y] for p, y in splits.train], "val": [[str(p), y] for p, y in splits.val],
-                "skipped": [str(e) for e in splits.skipped],
-            }, ensure_ascii=False, indent=0), encoding="utf-8")
             accelerator.print(f"data: {len(splits.class_names)} classes, {len(splits.train)} train / "
                               f"{len(splits.val)} val images ({splits.layout})")
         if not splits.val:
             raise ValueError(f"{d.root}: no validation images; give a val/ folder or --val-data, or (with "
                              "--val-fraction > 0) at least 2 images per class for the split")
         self.class_names = splits.class_names
-        spec = get_model_spec(cfg.model.arch)
-        model = create_model(cfg.model.arch, len(self.class_names), pretrained=cfg.model.pretrained,
-                             drop_rate=cfg.model.drop_rate)
-        self.pretrained_source = model.animeai_pretrained_source
-        freeze_stages(model, cfg.model.freeze_stages)
+        model.reset_classifier(len(self.class_names))
+        init_head(model)
         if cfg.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.mean, self.std = spec.mean, spec.std
@@ -95,6 +95,14 @@ class DetectorTask(Task):
         self.val_loader = DataLoader(val_ds, batch_size=bs, shuffle=False, **common)
         self.models = {"model": model}
         self.optimizers = {"model": make_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay)}
+
+    def run_files(self) -> dict[str, str]:
+        s = self.splits
+        return {"split.json": json.dumps({
+            "layout": s.layout, "class_names": s.class_names,
+            "train": [[str(p), y] for p, y in s.train], "val": [[str(p), y] for p, y in s.val],
+            "skipped": [str(e) for e in s.skipped],
+        }, ensure_ascii=False, indent=0)}
 
     def train_mode(self, mode: bool = True) -> None:
         super().train_mode(mode)
