@@ -21,7 +21,9 @@ case "${1:-}" in
     echo "Ray head is up (token authentication on; the token is in ~/.ray/auth_token)."
     echo "Submit jobs from the repository root with:"
     echo "  export RAY_API_SERVER_ADDRESS=http://127.0.0.1:$DASH_PORT RAY_AUTH_MODE=token"
-    echo "  ray job submit --working-dir . -- python jobs/train_detector.py --smoke-test --num-workers 2"
+    echo "  ray job submit --working-dir . -- python jobs/train_detector.py --smoke-test --num-workers 2 \\"
+    echo "      --out /tmp/animeai/smoke.pth --storage-path /tmp/animeai/ray"
+    echo "(outputs of a submitted job need absolute paths: its working dir is a temporary copy, deleted with it)"
     echo "Dashboard: http://127.0.0.1:$DASH_PORT   Stop with: cluster/local.sh stop"
     ;;
   status)

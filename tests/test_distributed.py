@@ -73,7 +73,7 @@ def test_two_workers_train_in_sync_and_write_the_model_file(local_ray, synth_roo
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert result.metrics["epoch"] == 3
     clf = Classifier.from_file(cfg.run.out)  # the same model file as the local CLI writes
-    assert clf.class_names == sorted(p.name for p in synth_root.iterdir())
+    assert clf.class_names == sorted(p.name for p in synth_root.iterdir() if p.is_dir())
     assert clf.meta["metrics"]["val_top1"] > 1 / 6
 
 
@@ -193,3 +193,110 @@ def test_tune_trial_as_a_two_worker_torchtrainer(local_ray, synth_root, tmp_path
     summary = summarize(results, spec)
     assert len(summary["trials"]) == 1 and summary["trials"][0]["error"] is None
     assert summary["trials"][0]["epochs"] == 2 and summary["best"]["val_top1"] > 0
+
+
+# ------------------------------------------------------------------------------- submitted-job paths
+
+JOB_ENV = json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"},
+                      "metadata": {"job_submission_id": "raysubmit_test"}})
+
+
+@pytest.fixture
+def no_ray_work(monkeypatch):
+    """The job mains may not reach Ray: connect/fit fail the test if called."""
+    import animeai.distributed.trainer as trainer
+
+    def forbidden(*a, **k):
+        raise AssertionError("Ray work started before the paths were checked")
+
+    monkeypatch.setattr(trainer, "connect", forbidden)
+    monkeypatch.setattr(trainer, "fit", forbidden)
+
+
+def test_submitted_job_refuses_relative_outputs_before_any_ray_work(monkeypatch, capsys, tmp_path, no_ray_work):
+    from animeai.distributed.jobs import submitted_job, sweep_job_main, train_job_main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", JOB_ENV)  # what Ray's job supervisor sets
+    assert train_job_main("detector", ["--smoke-test"]) == 2  # default --out and --storage-path are relative
+    err = capsys.readouterr().err
+    assert "--out models/character_classifier.pth" in err and "--storage-path runs/ray" in err
+    assert "raysubmit_test" in err and "deletes when the job ends" in err
+    assert "absolute paths on storage every node sees" in err and "s3://" in err
+    assert train_job_main("detector", ["--smoke-test", "--out", str(tmp_path / "m.pth")]) == 2
+    err = capsys.readouterr().err
+    assert "submitted Ray job (--storage-path runs/ray)" in err  # only the relative one is named
+    # sweep: checked before the sweep file is even read
+    assert sweep_job_main(["--sweep", "missing.yaml", "--out", "best.json", "--storage-path", "s3://b/p"]) == 2
+    assert "--out best.json" in capsys.readouterr().err
+    assert not (tmp_path / "models").exists() and not (tmp_path / "runs").exists()
+    # detection: Ray's env var, or a cwd inside Ray's unpacked working_dir; neither outside a job
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    assert submitted_job() is None
+    copy = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123"
+    assert submitted_job(environ={}, cwd=copy).temporary_cwd
+
+
+def test_job_json_names_absolute_model_path_and_warns_on_relative_data(monkeypatch, capsys, tmp_path):
+    import types
+
+    import animeai.distributed.trainer as trainer
+    from animeai.distributed.jobs import train_job_main
+
+    seen = {}
+
+    def fake_fit(task, cfg, opts, synthetic=None):
+        seen.update(cfg=cfg, opts=opts)
+        ckpt = types.SimpleNamespace(path="bucket/ray/detector-m/checkpoint_1")
+        return types.SimpleNamespace(checkpoint=ckpt, metrics={"epoch": 1, "val_top1": 0.5})
+
+    monkeypatch.setattr(trainer, "connect", lambda address=None: None)
+    monkeypatch.setattr(trainer, "fit", fake_fit)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    # outside a submitted job a relative --out is fine, but the JSON names where the file really is
+    argv = ["--data", "chars", "--out", "models/m.pth", "--storage-path", "s3://bucket/ray"]
+    assert train_job_main("detector", argv) == 0
+    out = capsys.readouterr()
+    summary = json.loads(out.out[out.out.index("{"):])
+    assert summary["model"] == str(tmp_path / "models" / "m.pth") == seen["cfg"].run.out
+    assert summary["checkpoint"] == "s3://bucket/ray/detector-m/checkpoint_1"
+    assert seen["opts"].storage_path == "s3://bucket/ray" and "warning" not in out.err
+    # inside one: absolute outputs accepted; relative data resolves in the temporary copy, with a warning
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", JOB_ENV)
+    assert train_job_main("detector", ["--data", "chars", "--out", str(tmp_path / "abs.pth"),
+                                       "--storage-path", str(tmp_path / "ray")]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out[out.out.index("{"):])["model"] == str(tmp_path / "abs.pth")
+    assert "warning: --data chars is relative" in out.err and seen["cfg"].data.root == str(tmp_path / "chars")
+    assert seen["opts"].storage_path == str(tmp_path / "ray")
+
+
+def test_ray_train_per_report_lines_stay_off_the_console():
+    import logging
+
+    from animeai.distributed.trainer import quiet_ray_train_console
+
+    records = []
+
+    class Console(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    root = logging.getLogger()
+    console = Console()
+    console.set_name("console")  # the name Ray Train's dictConfig gives its console handler
+    root.addHandler(console)
+    try:
+        quiet_ray_train_console("WARNING")
+        quiet_ray_train_console("WARNING")  # a second worker run in the same process adds nothing
+        assert len(console.filters) == 1
+        # Ray 2.60 names this logger after the module's file, outside the ray.train hierarchy
+        path_logger = logging.getLogger(os.path.join(os.sep, "x", "ray", "train", "v2", "context.py"))
+        path_logger.setLevel(logging.INFO)  # Ray's worker root logger is at INFO
+        path_logger.info("Reporting training result 1: TrainingReport(...)")
+        path_logger.error("kept")
+        logging.getLogger("user").warning("epoch 1/2")
+    finally:
+        root.removeHandler(console)
+    assert records == ["kept", "epoch 1/2"]

@@ -53,11 +53,28 @@ def test_ray_job_submit_smoke_test_writes_the_model(ray_head, tmp_path):
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     assert "succeeded" in log.lower()
-    assert "epoch 2/2" in log  # worker progress reaches the job log
+    # worker progress reaches the job log: one line per epoch (not one per print path or per rank), and
+    # none of Ray Train's per-worker "Reporting training result ... TrainingReport(...)" lines
+    assert [log.count(f"epoch {e}/2  ") for e in (1, 2)] == [1, 1], log[-4000:]
+    assert "Reporting training result" not in log and "TrainingReport(" not in log
+    assert f'"model": "{out}"' in log  # the final JSON names where the model really is
     from animeai.inference import Classifier
 
     clf = Classifier.from_file(out)
     assert len(clf.class_names) == 4
+
+    # default (relative) --out / --storage-path would land in Ray's temporary copy of the working dir:
+    # the job is refused with what to pass, and nothing is written there
+    proc = subprocess.run(
+        [ray_head["RAY"], "job", "submit", "--working-dir", str(REPO), "--",
+         "python", "jobs/train_detector.py", "--smoke-test", "--num-workers", "2"],
+        env=ray_head, capture_output=True, text=True, timeout=240, cwd=REPO,
+    )
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "failed" in log.lower(), log[-4000:]
+    assert "relative output path in a submitted Ray job (--out models/character_classifier.pth, " \
+           "--storage-path runs/ray)" in log, log[-4000:]
+    assert "working_dir_files" in log  # the entrypoint really ran inside Ray's unpacked copy
 
 
 def test_unreachable_cluster_fails_fast():

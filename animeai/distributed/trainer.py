@@ -10,12 +10,13 @@ model file the local CLI writes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,20 @@ from animeai.engine import MetricsCallback, TrainResult, make_accelerator, train
 from animeai.tasks import get_task
 
 BEST_MODEL = "best_model.pth"
+DEFAULT_STORAGE = "runs/ray"  # relative to the driver's working directory
+
+# Ray Train V2 patches print() in its workers to log each line through the root logger (console handler),
+# and also prints the line itself whenever sys.stdout is not sys.__stdout__, taking that for a third-party
+# redirect. Ray's worker process always replaces sys.stdout (an unbuffered copy), so every print of a
+# worker reached the job log twice. Turning the patch off leaves one plain print, still captured in the
+# worker's log file under the Ray session's logs/ and streamed to the driver. Read by Ray when a trainer
+# starts (driver -> controller -> workers); a value already set in the environment wins.
+TRAIN_ENV_DEFAULTS = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+# Ray Train's own INFO lines ("Reporting training result N: TrainingReport(...)" from every worker for every
+# epoch, "Checkpoint successfully created", worker-group start-up) stay in the session's logs/train/ files;
+# the job output keeps warnings and errors. RunConfig(logging_config=LoggingConfig(log_level)) covers the
+# `ray.train.*` loggers; see quiet_ray_train_console for the per-report line.
+DEFAULT_RAY_LOG_LEVEL = "WARNING"
 
 
 class DistributedError(RuntimeError):
@@ -46,6 +61,7 @@ class DistributedOptions:
     storage_path: str | None = None  # local folder, NFS mount, s3://bucket/path, gs://bucket/path
     name: str | None = None
     check_resources: bool = True
+    ray_log_level: str = DEFAULT_RAY_LOG_LEVEL  # ray.train's console lines (INFO shows per-report lines)
 
 
 # ------------------------------------------------------------------------------------------ worker side
@@ -67,10 +83,28 @@ class RayReport:
             ray.train.report(clean)
 
 
+def quiet_ray_train_console(level: str = DEFAULT_RAY_LOG_LEVEL) -> None:
+    """Drop, from this worker's console (the job output) only, Ray Train records below ``level`` that come
+    from loggers named after a file path. Ray 2.60's train context module logs its per-report line through
+    ``logging.getLogger(__file__)``: a top-level logger outside ``ray.train``, so ``LoggingConfig`` misses it
+    and it propagates to the root logger's console handler. The session's logs/train/ file keeps it."""
+    threshold = logging.getLevelName(level.upper())
+    marker = f"{os.sep}ray{os.sep}train{os.sep}"
+
+    def keep(record: logging.LogRecord) -> bool:
+        return record.levelno >= threshold or marker not in record.name
+
+    for handler in logging.getLogger().handlers:
+        if handler.get_name() == "console" and not getattr(handler, "_animeai_quiet", False):
+            handler.addFilter(keep)
+            handler._animeai_quiet = True
+
+
 def run_worker(config: dict[str, Any], callbacks: Sequence[MetricsCallback] = ()) -> TrainResult:
     """The body of a TorchTrainer worker: rebuild the config, restore a checkpoint, run ``engine.train``."""
     cfg_cls, task_cls = get_task(config["task"])
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # keep `ray job logs` to epoch lines
+    quiet_ray_train_console(config.get("ray_log_level") or DEFAULT_RAY_LOG_LEVEL)
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     scratch = Path(config.get("scratch_dir") or Path(tempfile.gettempdir()) / "animeai-ray") / config["run_name"]
@@ -79,6 +113,7 @@ def run_worker(config: dict[str, Any], callbacks: Sequence[MetricsCallback] = ()
         "run.out": str(scratch / BEST_MODEL),
         "run.cpu": not config["use_gpu"],
         "run.resume": False,
+        "run.overwrite": True,  # the scratch run folder belongs to this worker: an earlier run there is cleared
         "run.progress": False,  # epoch lines go to `ray job logs`; progress bars do not read well there
     })
     if config.get("synthetic"):
@@ -110,6 +145,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ driver side
+
+
+@contextlib.contextmanager
+def train_env() -> Iterator[None]:
+    """``TRAIN_ENV_DEFAULTS`` in this process's environment while a trainer starts (Ray copies them from
+    here to the controller and its workers); restored afterwards."""
+    added = [k for k in TRAIN_ENV_DEFAULTS if k not in os.environ]
+    for k in added:
+        os.environ[k] = TRAIN_ENV_DEFAULTS[k]
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
 
 
 def connect(address: str | None = None, **init_kwargs) -> None:
@@ -185,6 +234,12 @@ def _absolute_data_paths(cfg: Any) -> Any:
     return with_overrides(cfg, over)
 
 
+def ray_logging_config(level: str) -> dict[str, Any]:
+    """``logging_config=`` for RunConfig where this Ray has it (Train V2, Ray 2.50+); nothing otherwise."""
+    logging_config = getattr(ray.train, "LoggingConfig", None)
+    return {"logging_config": logging_config(log_level=level)} if logging_config else {}
+
+
 def fit(
     task_name: str,
     cfg: Any,
@@ -207,11 +262,11 @@ def fit(
         cfg = _absolute_data_paths(cfg)
         check_data([cfg.data.root, getattr(cfg.data, "val_root", None)])
     name = opts.name or f"{task_name}-{Path(cfg.run.out).stem}"
-    storage = opts.storage_path or str(Path("runs/ray").absolute())
+    storage = opts.storage_path or str(Path(DEFAULT_STORAGE).absolute())
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"task": task_name, "cfg": to_dict(cfg), "use_gpu": opts.use_gpu, "run_name": name,
-                           "scratch_dir": scratch_dir, "synthetic": synthetic},
+                           "scratch_dir": scratch_dir, "synthetic": synthetic, "ray_log_level": opts.ray_log_level},
         scaling_config=ScalingConfig(num_workers=opts.num_workers, use_gpu=opts.use_gpu,
                                      resources_per_worker={"CPU": opts.cpus_per_worker}),
         run_config=RunConfig(
@@ -219,9 +274,11 @@ def fit(
             storage_path=storage,
             failure_config=FailureConfig(max_failures=opts.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=opts.keep_checkpoints),
+            **ray_logging_config(opts.ray_log_level),
         ),
     )
-    result = trainer.fit()
+    with train_env():
+        result = trainer.fit()
     if result.checkpoint is None:
         raise DistributedError("training finished without a checkpoint (no epoch completed)")
     out = Path(cfg.run.out)

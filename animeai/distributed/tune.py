@@ -108,7 +108,7 @@ def run_trial(trial_config: dict[str, Any]) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from animeai.distributed.trainer import train_loop_per_worker
+    from animeai.distributed.trainer import DEFAULT_RAY_LOG_LEVEL, ray_logging_config, train_env, train_loop_per_worker
 
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -117,9 +117,10 @@ def run_trial(trial_config: dict[str, Any]) -> None:
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=trial_config["use_gpu"],
                                      resources_per_worker={"CPU": trial_config["cpus_per_worker"]}),
         run_config=RunConfig(name=trial_dir.name, storage_path=trial_config["storage_path"],
-                             callbacks=[TuneReportCallback()]),
+                             callbacks=[TuneReportCallback()], **ray_logging_config(DEFAULT_RAY_LOG_LEVEL)),
     )
-    trainer.fit()
+    with train_env():  # one line per print of a worker, as in trainer.fit
+        trainer.fit()
 
 
 def sweep(
@@ -143,7 +144,9 @@ def sweep(
     if data is not None:
         over["data.root"] = str(Path(data).expanduser().absolute())
     cfg = with_overrides(cfg, over)
-    storage = storage_path or str(Path("runs/ray").absolute())
+    from animeai.distributed.trainer import DEFAULT_STORAGE
+
+    storage = storage_path or str(Path(DEFAULT_STORAGE).absolute())
     trial_config = {"task": spec.task, "cfg": to_dict(cfg), "workers_per_trial": workers_per_trial,
                     "use_gpu": gpus_per_trial > 0, "cpus_per_worker": cpus_per_trial, "storage_path": storage}
     if workers_per_trial <= 1:
