@@ -21,10 +21,10 @@ install: $(BIN)/.installed
 
 demo: install
 	@test -d $(DEMO_DATA) || $(BIN)/animeai synth $(DEMO_DATA) --num-classes 6 --images-per-class 60 --image-size 128 --val-fraction 0.25
-	$(BIN)/animeai train detector --config animeai/configs/demo.yaml --data $(DEMO_DATA) --out $(DEMO_MODEL)
+	$(BIN)/animeai train detector --config animeai/configs/demo.yaml --data $(DEMO_DATA) --out $(DEMO_MODEL) --overwrite
 	$(BIN)/animeai evaluate --model $(DEMO_MODEL) --data $(DEMO_DATA) --out runs/demo_classifier/eval.json
 	$(BIN)/animeai predict --model $(DEMO_MODEL) --top-k 3 $(DEMO_DATA)/val/akari/akari_0046.jpg $(DEMO_DATA)/val/botan
-	$(BIN)/python jobs/train_detector.py --smoke-test --num-workers 2 --out models/demo_ray_classifier.pth
+	$(BIN)/python jobs/train_detector.py --smoke-test --num-workers 2 --out models/demo_ray_classifier.pth --overwrite
 	@echo
 	@echo "demo done: model $(DEMO_MODEL); run folder runs/demo_classifier/ (config.yaml, metrics.jsonl, split.json);"
 	@echo "evaluation runs/demo_classifier/eval.json + eval_confusion.png;"

@@ -155,7 +155,7 @@ def resume_config(cfg_cls: type, overrides: Mapping[str, Any]) -> Any:
 
     The run folder is found from the overrides' ``run.run_dir`` / ``run.out`` (else the defaults). Overrides of
     keys outside :data:`RESUME_SAFE_KEYS` that change a saved value are refused by :func:`check_resume_config`."""
-    probe = with_overrides(cfg_cls(), {k: v for k, v in overrides.items() if k in ("run.run_dir", "run.out")})
+    probe = with_overrides(cfg_cls(), overrides)  # every given value is checked before the saved run is read
     run_dir = probe.run.resolved_run_dir()
     saved = load_run_config(cfg_cls, run_dir)
     cfg = with_overrides(saved, {**overrides, "run.resume": True, "run.overwrite": False})

@@ -52,6 +52,75 @@ def test_resume_flag_continues_the_run(trained, tmp_path):
     assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
+def _files(*roots):
+    return {str(f): f.read_bytes() for r in roots for f in ([r] if r.is_file() else sorted(r.rglob("*")))
+            if f.is_file() and f.name != ".lock"}
+
+
+def test_resume_as_the_readme_shows_uses_the_saved_config(trained, tmp_path, monkeypatch, capsys):
+    """`animeai train detector --out M --epochs N --resume` with no other flags continues the run as trained
+    (other arch, image size, data than the defaults); an unsafe flag is refused and changes nothing."""
+    _, data, _ = trained
+    monkeypatch.chdir(tmp_path)
+    out = "models/c.pth"
+    assert main(["train", "detector", "--data", str(data), "--out", out, "--epochs", "1", *FAST]) == 0
+    run = tmp_path / "runs" / "c"
+    assert main(["train", "detector", "--out", out, "--epochs", "2", "--resume", "--no-progress"]) == 0
+    assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    saved = (run / "config.yaml").read_text()
+    assert "image_size: 64" in saved and "arch: efficientnet_lite0" in saved and "epochs: 2" in saved
+    before = _files(run, tmp_path / out)
+    capsys.readouterr()
+    assert main(["train", "detector", "--out", out, "--epochs", "3", "--resume", "--image-size", "96"]) == 2
+    err = capsys.readouterr().err
+    assert "--image-size (run: 64, now: 96)" in err and "--overwrite" in err
+    assert _files(run, tmp_path / out) == before
+    # a new run over it without --resume is refused too, naming both ways out
+    assert main(["train", "detector", "--data", str(data), "--out", out, "--epochs", "1", *FAST]) == 2
+    assert "--resume" in (err := capsys.readouterr().err) and "--overwrite" in err
+    assert _files(run, tmp_path / out) == before
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--grad-accum", "0"], "--grad-accum"),
+    (["--grad-accum", "-2"], "--grad-accum"),
+    (["--label-smoothing", "1"], "--label-smoothing"),
+    (["--label-smoothing", "-0.1"], "--label-smoothing"),
+    (["--lr", "nan"], "--lr"),
+    (["--lr", "inf"], "--lr"),
+    (["--lr", "0"], "--lr"),
+    (["--epochs", "0"], "--epochs"),
+    (["--epochs", "-3"], "--epochs"),
+    (["--image-size", "0"], "--image-size"),
+    (["--crop-scale", "0"], "--crop-scale"),
+    (["--crop-scale", "1.5"], "--crop-scale"),
+    (["--val-fraction", "1"], "--val-fraction"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--mixed-precision", "fp16", "--cpu"], "--mixed-precision"),
+    (["--freeze-stages", "99"], "--freeze-stages"),
+    (["--model", "resnet9000"], "--model"),
+    (["--resume", "--overwrite"], "--overwrite"),
+])
+def test_bad_options_are_clear_errors_before_any_work(trained, tmp_path, capsys, flags, named):
+    _, data, _ = trained
+    out, run = tmp_path / "m.pth", tmp_path / "run"
+    rc = main(["train", "detector", "--data", str(data), "--out", str(out), "--run-dir", str(run), *FAST, *flags])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err, err
+    assert "data:" not in err  # failed before the data scan
+    assert not run.exists() and not out.exists()
+
+
+def test_out_naming_a_folder_fails_before_any_work(trained, tmp_path, capsys):
+    _, data, _ = trained
+    (tmp_path / "models").mkdir()
+    rc = main(["train", "detector", "--data", str(data), "--out", str(tmp_path / "models"),
+               "--run-dir", str(tmp_path / "run"), *FAST])
+    assert rc == 2 and "is a folder" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_evaluate_writes_json_and_confusion_png(trained, tmp_path, capsys):
     _, data, model = trained
     out = tmp_path / "eval.json"

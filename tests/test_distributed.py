@@ -272,6 +272,21 @@ def test_job_json_names_absolute_model_path_and_warns_on_relative_data(monkeypat
     assert seen["opts"].storage_path == str(tmp_path / "ray")
 
 
+def test_job_refuses_an_existing_model_file_and_resume_before_any_ray_work(monkeypatch, capsys, tmp_path,
+                                                                           no_ray_work):
+    from animeai.distributed.jobs import train_job_main
+
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    existing = tmp_path / "m.pth"
+    existing.write_bytes(b"an earlier model")
+    argv = ["--data", str(tmp_path), "--out", str(existing), "--storage-path", str(tmp_path / "ray")]
+    assert train_job_main("detector", argv) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert train_job_main("detector", [*argv[:3], str(tmp_path / "new.pth"), *argv[4:], "--resume"]) == 2
+    assert "--max-failures" in capsys.readouterr().err
+    assert existing.read_bytes() == b"an earlier model"
+
+
 def test_ray_train_per_report_lines_stay_off_the_console():
     import logging
 

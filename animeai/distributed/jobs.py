@@ -193,6 +193,14 @@ def train_job_main(task: str, argv: list[str] | None = None) -> int:
     except JobPathError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if cfg.run.resume:
+        print("error: --resume is for local runs; a Ray job resumes from its Ray checkpoints by itself "
+              "(--max-failures N restarts a failed worker group from the latest one)", file=sys.stderr)
+        return 2
+    if Path(paths["--out"]).exists() and not cfg.run.overwrite:
+        print(f"error: --out {paths['--out']} exists; pass --overwrite to replace it, or choose another --out",
+              file=sys.stderr)
+        return 2
     over = {"run.out": paths["--out"]}
     if "--data" in paths:
         over["data.root"] = paths["--data"]

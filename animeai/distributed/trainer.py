@@ -68,14 +68,15 @@ class DistributedOptions:
 
 
 class RayReport:
-    """Engine callback: every worker reports each epoch; rank 0 attaches state + best model as checkpoint."""
+    """Engine callback: every worker reports each epoch; rank 0 attaches state + best model as checkpoint
+    on epochs that saved a state (all of them unless run.save_every > 1)."""
 
     def __init__(self, best_model: Path):
         self.best_model = best_model
 
-    def __call__(self, metrics: dict[str, Any], state_dir: Path, task) -> None:
+    def __call__(self, metrics: dict[str, Any], state_dir: Path | None, task) -> None:
         clean = {k: v for k, v in metrics.items() if isinstance(v, (int, float, bool, str))}
-        if ray.train.get_context().get_world_rank() == 0:
+        if state_dir is not None and ray.train.get_context().get_world_rank() == 0:
             if self.best_model.is_file():
                 shutil.copy2(self.best_model, state_dir / BEST_MODEL)
             ray.train.report(clean, checkpoint=Checkpoint.from_directory(str(state_dir)))
