@@ -18,9 +18,24 @@ from animeai.models import create_model, get_model_spec
 
 
 def pick_device(device: str | None = None) -> torch.device:
+    """``auto`` (a GPU when there is one), ``cpu``, ``cuda`` or ``cuda:N``; a device this machine does not have is
+    a ``ValueError`` naming ``--device`` and what is available."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ValueError(f"--device {device}: only auto, cpu, cuda and cuda:N are supported")
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == 0:
+        raise ValueError(f"--device {device}: this machine has no CUDA GPU; use --device cpu (or auto)")
+    if dev.index is not None and dev.index >= n:
+        raise ValueError(f"--device {device}: this machine has {n} GPU(s) (cuda:0 .. cuda:{n - 1})")
+    return dev
 
 
 class Classifier:
@@ -38,6 +53,7 @@ class Classifier:
     def from_file(cls, path: str | Path, device: str | None = None) -> Classifier:
         # The reader checks the metadata against the classifier schema and the tensors for NaN/Infinity;
         # what is left to check here is that the weights fit the architecture.
+        dev = pick_device(device)  # a device this machine lacks fails before the file is read
         tensors, meta = read_model_file(path, kind="classifier")
         try:
             get_model_spec(meta["arch"])
@@ -49,7 +65,7 @@ class Classifier:
         except RuntimeError as exc:
             raise CheckpointError(f"{path}: weights do not match architecture {meta['arch']}: "
                                   f"{str(exc).splitlines()[0]}") from None
-        return cls(model, meta, pick_device(device))
+        return cls(model, meta, dev)
 
     @torch.no_grad()
     def logits(self, batch: torch.Tensor) -> torch.Tensor:

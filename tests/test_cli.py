@@ -161,6 +161,19 @@ def test_predict_files_and_folders_with_a_bad_file(trained, tmp_path, capsys):
     assert sum(hits) / len(hits) > 0.5
 
 
+@pytest.mark.parametrize("device, says", [("cuda", "no CUDA GPU"), ("cuda:7", "no CUDA GPU"), ("tpu9", "not a device"),
+                                          ("meta", "only auto, cpu")])
+def test_a_device_this_machine_lacks_is_a_clear_error(trained, capsys, device, says):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    _, data, model = trained
+    assert main(["predict", "--model", str(model), "--device", device, str(data)]) == 2
+    err = capsys.readouterr().err
+    assert "--device" in err and says in err and "Traceback" not in err
+
+
 def test_every_config_option_has_a_flag_with_help(capsys):
     with pytest.raises(SystemExit):
         main(["train", "detector", "--help"])

@@ -96,7 +96,8 @@ def run_trial(trial_config: dict[str, Any]) -> None:
     cfg, task_cls = _trial_cfg(trial_config)
     trial_dir = Path(tempfile.mkdtemp(prefix="animeai-trial-"))
     cfg = with_overrides(cfg, {"run.out": str(trial_dir / "model.pth"), "run.run_dir": str(trial_dir / "run"),
-                               "run.progress": False, "run.resume": False})
+                               "run.progress": False, "run.resume": False,
+                               "run.overwrite": True})  # the trial's own folder (a retried trial starts over)
     workers = trial_config["workers_per_trial"]
     if workers <= 1:
         def report(metrics, state_dir, task):
