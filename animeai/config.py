@@ -210,6 +210,142 @@ class DetectorConfig:
     run: RunConfig = section(RunConfig)
 
 
+# ------------------------------------------------------------------------------- generator (issue 12)
+
+
+@dataclass(frozen=True)
+class GeneratorDataConfig(Section):
+    root: str = opt(
+        "data/all_characters",
+        "The detector's data folder: real images of the character are <root>/<character>/ or "
+        "<root>/train/<character>/ (the character's name comes from the detector file).",
+        flag="data",
+    )
+    image_size: int = opt(224, "Side of the generated images in pixels: s * 2^k with s from 4 to 7 (64 for CPU runs, "
+                          "224 = 7 * 2^5).", ge=16, le=1024)
+    hflip: float = opt(0.5, "Probability of a horizontal flip of a real image.", ge=0, le=1)
+    strict: bool = opt(False, "Fail on the first unreadable image instead of reporting and skipping it.")
+    max_image_pixels: int = opt(50_000_000, "Refuse images with more pixels than this (decompression-bomb guard).",
+                                 ge=1)
+    num_workers: int = opt(0, "DataLoader worker processes (the real images are decoded once and kept in memory, so "
+                           "0 is usually fastest).", flag="loader-workers", ge=0, le=256)
+
+    def check(self) -> None:
+        from animeai.models.gan import upsample_plan
+
+        if not str(self.root).strip():
+            raise FieldError("root", "data", "must name a dataset folder")
+        try:
+            upsample_plan(self.image_size)
+        except ValueError as exc:
+            raise FieldError("image_size", "image-size", str(exc)) from None
+
+
+@dataclass(frozen=True)
+class GuideConfig(Section):
+    detection_model: str = opt("models/character_classifier.pth", "The trained detector's model file (animeai "
+                               "classifier): frozen, it pushes samples towards the target class.",
+                               flag="detection-model")
+    target_class: str = opt("0", "The character to draw: a class id or a class name of the detector file.",
+                            flag="target-class")
+    perceptual: str = opt("vgg16", "Frozen perceptual network: vgg16 (torchvision ImageNet weights) or a registry "
+                          "backbone such as efficientnet_lite0 (offline package weights).", flag="perceptual")
+    perceptual_pretrained: str = opt("auto", "Weights of the perceptual network: auto | hub | PATH (vgg16: the "
+                                     "torchvision vgg16-397923af.pth); registry backbones also take package. "
+                                     "Never random weights.", flag="perceptual-pretrained")
+
+    def check(self) -> None:
+        if not str(self.detection_model).strip():
+            raise FieldError("detection_model", "detection-model", "must name the detector's model file")
+        if not str(self.target_class).strip():
+            raise FieldError("target_class", "target-class", "must be a class id or a class name")
+
+
+@dataclass(frozen=True)
+class GanModelConfig(Section):
+    generator: str = opt("upsample_cnn", "Generator architecture (Upsample + Conv2d blocks).", flag="generator",
+                         choices=("upsample_cnn",))
+    z_dim: int = opt(128, "Length of the noise vector.", ge=1, le=4096)
+    embed_dim: int = opt(64, "Length of the class-label embedding.", flag="class-embed-dim", ge=1, le=4096)
+    g_channels: int = opt(32, "Generator channels at full resolution (doubling towards the start map).",
+                          flag="gen-channels", ge=1, le=4096)
+    g_max_channels: int = opt(512, "Generator channel cap.", flag="gen-max-channels", ge=1, le=8192)
+    discriminator: str = opt("projected", "plain (residual spectral-norm CNN) or projected (trained heads on frozen "
+                             "multi-scale features of --disc-backbone).", flag="discriminator",
+                             choices=("plain", "projected"))
+    d_channels: int = opt(32, "Discriminator base channels (plain: first layer; projected: each head).",
+                          flag="disc-channels", ge=1, le=4096)
+    d_max_channels: int = opt(512, "Plain discriminator channel cap.", flag="disc-max-channels", ge=1, le=8192)
+    d_backbone: str = opt("efficientnet_lite0", "Frozen registry backbone of the projected discriminator.",
+                          flag="disc-backbone")
+    d_pretrained: str = opt("auto", "Weights of that backbone: auto | package | hub | PATH.", flag="disc-pretrained")
+    diffaugment: str = opt("color,translation,cutout", "DiffAugment steps applied to real and generated images "
+                           "seen by the discriminator (comma-separated; 'none' disables).", flag="diffaugment")
+    ema_decay: float = opt(0.999, "Decay of the exponential moving average of the generator used for sampling.",
+                           flag="ema-decay", ge=0, lt=1)
+
+    def check(self) -> None:
+        from animeai.models import list_models
+        from animeai.models.gan import parse_policy
+
+        try:
+            parse_policy(self.diffaugment)
+        except ValueError as exc:
+            raise FieldError("diffaugment", "diffaugment", str(exc)) from None
+        if self.d_backbone not in list_models():
+            raise FieldError("d_backbone", "disc-backbone",
+                             f"must be one of {', '.join(list_models())}, got {self.d_backbone!r}")
+
+
+@dataclass(frozen=True)
+class GanLossConfig(Section):
+    adv: float = opt(0.1, "Weight of the adversarial (hinge) loss of the generator.", flag="adv-weight", ge=0)
+    cls: float = opt(0.2, "Weight of the frozen detector's cross-entropy towards the target class.",
+                     flag="cls-weight", ge=0)
+    perc: float = opt(10.0, "Weight of the perceptual loss (feature statistics of a generated vs a real batch).",
+                      flag="perc-weight", ge=0)
+
+
+@dataclass(frozen=True)
+class GanOptimConfig(Section):
+    batch_size: int = opt(16, "Real (and generated) images per batch per process.", ge=1)
+    g_lr: float = opt(2e-4, "Adam learning rate of the generator.", flag="g-lr", gt=0, le=1)
+    d_lr: float = opt(2e-4, "Adam learning rate of the discriminator.", flag="d-lr", gt=0, le=1)
+    beta1: float = opt(0.0, "Adam beta1 of both optimizers.", ge=0, lt=1)
+    beta2: float = opt(0.99, "Adam beta2 of both optimizers.", ge=0, lt=1)
+
+
+@dataclass(frozen=True)
+class SampleConfig(Section):
+    every: int = opt(10, "Write a fixed-noise sample grid every N epochs (at evaluation epochs; the last epoch "
+                     "always).", flag="sample-every", ge=1)
+    count: int = opt(16, "Images in each sample grid.", flag="sample-count", ge=1, le=1024)
+    eval_count: int = opt(64, "Fixed-noise samples scored at each evaluation.", flag="eval-samples", ge=1, le=100_000)
+    folder: str = opt("generated_images", "Sample grids go to <folder>/<character>/samples_epoch_<N>.png.",
+                      flag="samples-dir")
+
+
+@dataclass(frozen=True)
+class GeneratorRunConfig(RunConfig):
+    epochs: int = opt(3000, "Number of training epochs (one epoch = one pass over the character's real images).",
+                      ge=1)
+    out: str = opt("models/generator.pth", "Where the generator model file is written.")
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """Detection-guided generator of one character: conditional GAN guided by a frozen detector and a frozen
+    perceptual network."""
+
+    data: GeneratorDataConfig = section(GeneratorDataConfig)
+    guide: GuideConfig = section(GuideConfig)
+    model: GanModelConfig = section(GanModelConfig)
+    loss: GanLossConfig = section(GanLossConfig)
+    optim: GanOptimConfig = section(GanOptimConfig)
+    sample: SampleConfig = section(SampleConfig)
+    run: GeneratorRunConfig = section(GeneratorRunConfig)
+
+
 # --------------------------------------------------------------------------------------------- plumbing
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from animeai.config import DetectorConfig
+from animeai.config import DetectorConfig, GeneratorConfig
 from animeai.tasks.base import Task
 from animeai.tasks.detector import DetectorTask
+from animeai.tasks.generator import GeneratorTask
 
 TASKS: dict[str, tuple[type, type[Task]]] = {
     "detector": (DetectorConfig, DetectorTask),
+    "generator": (GeneratorConfig, GeneratorTask),
 }
 
 
