@@ -448,3 +448,42 @@ def test_train_generator_is_a_cli_task():
     assert (cfg.guide.target_class, cfg.loss.perc, cfg.model.discriminator, cfg.data.image_size) == \
         ("1", 5.0, "plain", 64)
     assert re.search(r"models/generator\.pth", cfg.run.out)
+
+
+def test_job_trains_with_the_original_flags_and_resumes(chars, detector_file, tmp_path, capsys):
+    from animeai.generation import job_main
+
+    out, run = tmp_path / "job.pth", tmp_path / "job_run"
+    tiny = ["--data", str(chars), "--image-size", "32", "--perceptual", "efficientnet_lite0",
+            "--perceptual-pretrained", "package", "--z-dim", "16", "--class-embed-dim", "8", "--gen-channels", "8",
+            "--gen-max-channels", "32", "--discriminator", "plain", "--disc-channels", "8", "--batch-size", "4",
+            "--sample-every", "1", "--eval-samples", "8", "--samples-dir", str(tmp_path / "grids"), "--no-progress",
+            "--out", str(out), "--run-dir", str(run)]
+    assert job_main(["--target_class", "chiyo", "--num_epochs", "1", "--detection_model", str(detector_file),
+                     *tiny]) == 0
+    printed = capsys.readouterr().out  # epoch lines, then the JSON summary
+    summary = json.loads(printed[printed.index("\n{") + 1:])
+    assert summary["character"] == "chiyo" and summary["class_id"] == 2 and summary["model"] == str(out)
+    assert summary["samples"] == str(tmp_path / "grids" / "chiyo" / "samples_epoch_1.png")
+    # --resume continues with the run's saved config; only the epochs (and other safe keys) may change
+    assert job_main(["--num_epochs", "2", "--resume", "--out", str(out), "--run-dir", str(run)]) == 0
+    _, meta = read_model_file(out)
+    assert meta["epoch"] == 2 and meta["character"] == "chiyo" and meta["discriminator"] == "plain"
+    assert job_main(["--num_epochs", "3", "--resume", "--out", str(out), "--run-dir", str(run),
+                     "--target_class", "akari"]) == 2
+    assert "cannot change on --resume" in capsys.readouterr().err
+    assert job_main(["--smoke-test", "--num-workers", "2"]) == 2
+
+
+def test_sample_grids_follow_sample_every_even_when_evaluation_is_sparser(loss_task, tmp_path):
+    task, base = loss_task, loss_task.cfg
+    task.cfg = with_overrides(base, {"sample.every": 2, "run.epochs": 9, "sample.folder": str(tmp_path)})
+    try:
+        task._last_grid_epoch = 2  # as after the first step of a run resumed at epoch 2
+        for epoch in (3, 6, 7, 9):  # evaluation every 3 epochs, and at the last one
+            task.train_sampler.set_epoch(epoch - 1)
+            task.evaluate()
+    finally:
+        task.cfg = base
+    written = sorted(int(p.stem.rsplit("_", 1)[1]) for p in (tmp_path / "botan").glob("samples_epoch_*.png"))
+    assert written == [6, 9]  # 4 was reached by epoch 6; 7 reached nothing new; 8 by the last epoch, 9

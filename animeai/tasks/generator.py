@@ -259,6 +259,7 @@ class GeneratorTask(Task):
         self.fixed_z = torch.randn(n_eval, cfg.model.z_dim, generator=g).to(device)
         self.fixed_real = torch.stack([dataset.image(i) for i in range(min(len(dataset), n_eval))]).to(device)
         self._sums: dict[str, torch.Tensor] = {}
+        self._last_grid_epoch: int | None = None  # set at the first step (after a resume: the epochs done)
 
     def run_files(self) -> dict[str, str]:
         return {"real_images.json": json.dumps({
@@ -294,6 +295,8 @@ class GeneratorTask(Task):
     def training_step(self, batch) -> dict[str, torch.Tensor]:
         real, labels = batch
         acc = self.accelerator
+        if self._last_grid_epoch is None:
+            self._last_grid_epoch = self.train_sampler.epoch
         G, D = self.models["generator"], self.models["discriminator"]
         opt_g, opt_d = self.optimizers["generator"], self.optimizers["discriminator"]
         b = real.shape[0]
@@ -368,9 +371,14 @@ class GeneratorTask(Task):
             steps = totals[keys.index("steps")].clamp(min=1)
             metrics.update({k: (totals[i] / steps).item() for i, k in enumerate(keys) if k != "steps"})
             self._sums = {}
-        epoch = self.epoch
-        if acc.is_main_process and (epoch % cfg.sample.every == 0 or epoch >= cfg.run.epochs):
-            self.last_grid = save_grid(images[: cfg.sample.count], self.grid_path(epoch))
+        epoch, every = self.epoch, cfg.sample.every
+        # A grid when a multiple of sample.every was reached since the last grid (evaluation may run only every
+        # run.eval_every epochs), and at the last epoch.
+        last = self._last_grid_epoch if self._last_grid_epoch is not None else epoch - 1
+        if epoch >= cfg.run.epochs or epoch // every > last // every:
+            if acc.is_main_process:
+                self.last_grid = save_grid(images[: cfg.sample.count], self.grid_path(epoch))
+            self._last_grid_epoch = epoch
         metrics["epoch"] = float(epoch)
         return metrics
 
