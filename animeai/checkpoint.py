@@ -13,6 +13,7 @@ and the field or tensor, never as a traceback from deeper down.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -103,6 +104,9 @@ def save_model_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata
 
 Validator = Callable[[dict[str, Any], "dict[str, torch.Tensor] | None"], None]
 _SCHEMAS: dict[str, Validator] = {}
+# Kinds whose schema lives with their capability: imported on first use, so every reader (``animeai info`` too)
+# checks them without importing every capability up front.
+_SCHEMA_MODULES: dict[str, str] = {"generator": "animeai.generation"}
 
 
 def register_metadata_schema(kind: str, validator: Validator) -> None:
@@ -112,8 +116,8 @@ def register_metadata_schema(kind: str, validator: Validator) -> None:
     ``None`` when only the metadata is read. The validator raises :class:`MetadataError` (field, reason)
     for the first problem; the ``expect_*`` helpers below cover the usual field types. Files of a kind
     nobody registered get the common checks only. Registering a kind again replaces its validator.
-    Register at import time of a module that is imported wherever such files are read (``animeai info`` imports
-    only this module, so a kind's schema that must apply there too belongs here)."""
+    Register at import time of the kind's module and name that module in ``_SCHEMA_MODULES``, so that readers
+    which never imported it (``animeai info``) still check the kind."""
     if not isinstance(kind, str) or not kind:
         raise ValueError("a model kind is a non-empty string")
     _SCHEMAS[kind] = validator
@@ -227,7 +231,10 @@ def validate_metadata(meta: Any, path: str | Path, tensors: dict[str, torch.Tens
         raise CheckpointError(f"{path}: invalid model file metadata: it must be a JSON object, got {_show(meta)}")
     try:
         _check_common(meta)
-        validator = _SCHEMAS.get(metadata_kind(meta))
+        kind = metadata_kind(meta)
+        if kind not in _SCHEMAS and kind in _SCHEMA_MODULES:
+            importlib.import_module(_SCHEMA_MODULES[kind])  # registers its schema
+        validator = _SCHEMAS.get(kind)
         if validator is not None:
             validator(meta, tensors)
     except MetadataError as exc:

@@ -63,7 +63,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from animeai.config import explicit_overrides
         from animeai.runs import resume_config
 
-        cfg = resume_config(cfg_cls, explicit_overrides(cfg_cls, args, args.config))
+        cfg = resume_config(cfg_cls, explicit_overrides(cfg_cls, args, args.config), task_cls.resume_safe_keys)
     else:
         cfg = config_from_args(cfg_cls, args, args.config)
     result = train(cfg, task_cls(cfg))

@@ -204,7 +204,8 @@ def job_main(argv: list[str] | None = None) -> int:
             if overrides.get("run.resume"):
                 from animeai.runs import resume_config
 
-                cfg = resume_config(GeneratorConfig, overrides)  # the run's saved config + what may change
+                # the run's saved config + what may change
+                cfg = resume_config(GeneratorConfig, overrides, GeneratorTask.resume_safe_keys)
             else:
                 cfg = load_config(GeneratorConfig, None, overrides)
         task = GeneratorTask(cfg)

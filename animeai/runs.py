@@ -150,16 +150,17 @@ def load_run_config(cfg_cls: type, run_dir: Path) -> Any:
             from None
 
 
-def resume_config(cfg_cls: type, overrides: Mapping[str, Any]) -> Any:
+def resume_config(cfg_cls: type, overrides: Mapping[str, Any], extra_safe: Iterable[str] = ()) -> Any:
     """The config of a resumed run: the run's saved ``config.yaml`` + the dotted ``overrides`` given now.
 
     The run folder is found from the overrides' ``run.run_dir`` / ``run.out`` (else the defaults). Overrides of
-    keys outside :data:`RESUME_SAFE_KEYS` that change a saved value are refused by :func:`check_resume_config`."""
+    keys outside :data:`RESUME_SAFE_KEYS` (and ``extra_safe``: the task's ``resume_safe_keys``) that change a saved
+    value are refused by :func:`check_resume_config`."""
     probe = with_overrides(cfg_cls(), overrides)  # every given value is checked before the saved run is read
     run_dir = probe.run.resolved_run_dir()
     saved = load_run_config(cfg_cls, run_dir)
     cfg = with_overrides(saved, {**overrides, "run.resume": True, "run.overwrite": False})
-    check_resume_config(saved, cfg, run_dir)
+    check_resume_config(saved, cfg, run_dir, extra_safe)
     return cfg
 
 

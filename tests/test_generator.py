@@ -487,3 +487,21 @@ def test_sample_grids_follow_sample_every_even_when_evaluation_is_sparser(loss_t
         task.cfg = base
     written = sorted(int(p.stem.rsplit("_", 1)[1]) for p in (tmp_path / "botan").glob("samples_epoch_*.png"))
     assert written == [6, 9]  # 4 was reached by epoch 6; 7 reached nothing new; 8 by the last epoch, 9
+
+
+def test_generator_schema_applies_in_a_reader_that_never_imported_the_generator(tmp_path):
+    """`animeai info` imports only the checkpoint module: the generator schema still checks the file."""
+    import subprocess
+    import sys
+
+    from animeai.checkpoint import save_model_file
+
+    bad = tmp_path / "gen.pth"
+    save_model_file(bad, {"w": torch.zeros(2)}, {"kind": "generator", "arch": "upsample_cnn", "generator": {},
+                                                 "character": "akari", "class_names": ["akari", "botan"],
+                                                 "class_id": 5, "image_size": 64, "z_dim": 8})
+    code = ("import sys; from animeai.checkpoint import CheckpointError, read_model_file\n"
+            f"try:\n    read_model_file({str(bad)!r})\nexcept CheckpointError as e:\n    print(e); sys.exit(3)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "class_id" in proc.stdout and str(bad) in proc.stdout
