@@ -155,10 +155,6 @@ class OptimConfig(Section):
     label_smoothing: float = opt(0.1, "Label smoothing of the cross-entropy loss.", ge=0, lt=1)
     grad_clip: float = opt(0.0, "Clip the gradient norm to this value (0 = off).", ge=0)
 
-    def check(self) -> None:
-        if self.min_lr > self.lr:
-            raise FieldError("min_lr", "min-lr", f"must be <= the learning rate --lr {self.lr:g}, got {self.min_lr:g}")
-
 
 @dataclass(frozen=True)
 class RunConfig(Section):
