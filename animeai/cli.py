@@ -22,6 +22,23 @@ examples:
 """
 
 
+def int_in(lo: int, hi: int | None = None):
+    """argparse ``type=`` for an int in ``[lo, hi]``: a value outside is a usage error naming the flag."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"must be >= {lo}" + (f" and <= {hi}" if hi is not None else "")
+                                             + f", got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
 def _write_json(obj, out: str | None) -> None:
     """Write ``obj`` as standard JSON to ``out`` (or stdout).
 
@@ -138,8 +155,8 @@ def add_inference_parsers(sub) -> None:
     p.add_argument("--data", required=True, help="folder of character folders")
     p.add_argument("--out", help="write the JSON report here (default: print it)")
     p.add_argument("--confusion-png", help="write the confusion matrix image here (default: next to --out)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
+    p.add_argument("--batch-size", type=int_in(1, 4096), default=32, help="images per batch (default: 32)")
+    p.add_argument("--num-workers", type=int_in(0, 256), default=0, help="DataLoader worker processes (default: 0)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.set_defaults(func=cmd_evaluate)
 
@@ -148,9 +165,10 @@ def add_inference_parsers(sub) -> None:
                        "Unreadable files are listed with the reason (exit code 1 if any).")
     p.add_argument("--model", required=True, help="animeai model file")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders (searched recursively)")
-    p.add_argument("--top-k", type=int, default=5, help="how many classes per image (default: 5)")
+    p.add_argument("--top-k", type=int_in(1), default=5,
+                   help="how many classes per image (default: 5; at most the model's class count)")
     p.add_argument("--out", help="write the JSON here (default: print it)")
-    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
+    p.add_argument("--batch-size", type=int_in(1, 4096), default=32, help="images per batch (default: 32)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.set_defaults(func=cmd_predict)
 
@@ -237,11 +255,11 @@ def add_generate_parser(sub) -> None:
                        description="Draw --n images of the character of a generator model file (its EMA weights) "
                        "and write them as one PNG grid; prints a JSON summary.")
     p.add_argument("--model", required=True, help="generator model file (animeai train generator)")
-    p.add_argument("--n", type=int, default=16, help="number of images (default: 16)")
+    p.add_argument("--n", type=int_in(1, 4096), default=16, help="number of images (default: 16)")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--seed", type=int, default=None, help="noise seed: the same seed gives the same images "
                    "(default: random)")
-    p.add_argument("--nrow", type=int, default=None, help="images per grid row (default: a square-ish grid)")
+    p.add_argument("--nrow", type=int_in(1), default=None, help="images per grid row (default: a square-ish grid)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     p.set_defaults(func=cmd_generate)
 

@@ -201,3 +201,17 @@ def test_parser_lists_commands_and_console_script_runs():
         assert cmd in text
     out = subprocess.run([sys.executable, "-m", "animeai.cli", "models"], capture_output=True, text=True, check=True)
     assert "efficientnet_lite0" in out.stdout and "efficientnet_b0" in out.stdout
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["predict", "--model", "m.pth", "--top-k", "0", "x.jpg"], "--top-k"),
+    (["predict", "--model", "m.pth", "--batch-size", "-1", "x.jpg"], "--batch-size"),
+    (["evaluate", "--model", "m.pth", "--data", "d", "--batch-size", "0"], "--batch-size"),
+    (["evaluate", "--model", "m.pth", "--data", "d", "--num-workers", "-1"], "--num-workers"),
+    (["evaluate", "--model", "m.pth", "--data", "d", "--num-workers", "two"], "--num-workers"),
+])
+def test_out_of_range_numbers_are_usage_errors(capsys, argv, flag):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert f"argument {flag}: must be" in capsys.readouterr().err

@@ -298,3 +298,34 @@ class _Clash:
 def test_duplicate_flags_are_refused():
     with pytest.raises(TypeError, match="--lr"):
         add_config_arguments(argparse.ArgumentParser(), _Clash)
+
+
+def test_config_path_that_is_a_folder_or_not_utf8_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=f"{tmp_path}: is a folder"):
+        load_config(DetectorConfig, tmp_path)
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("data:\n  root: /données\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=f"{latin1}: not a UTF-8 text file"):
+        load_config(DetectorConfig, latin1)
+
+
+@pytest.mark.parametrize("over, named", [
+    ({"run.epochs": 0}, "'run.epochs' (--epochs) must be >= 1"),
+    ({"optim.lr": float("nan")}, "'optim.lr' (--lr) must be a finite number"),
+    ({"optim.label_smoothing": 1.0}, "'optim.label_smoothing' (--label-smoothing) must be >= 0 and < 1"),
+    ({"data.image_size": 0}, "'data.image_size' (--image-size) must be >= 16"),
+    ({"run.grad_accum": 0}, "'run.grad_accum' (--grad-accum) must be >= 1"),
+    ({"augment.crop_scale": 0.0}, "'augment.crop_scale' (--crop-scale) must be > 0"),
+    ({"model.arch": "nope"}, "'model.arch' (--model) must be one of"),
+])
+def test_out_of_range_values_name_key_and_flag(over, named):
+    with pytest.raises(ConfigError) as err:
+        load_config(DetectorConfig, None, over)
+    assert named in str(err.value)
+
+
+def test_yaml_values_are_range_checked_too(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  epochs: -1\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"c.yaml: config key 'run.epochs' \(--epochs\) must be >= 1"):
+        load_config(DetectorConfig, path)
