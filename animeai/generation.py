@@ -108,6 +108,34 @@ def generate_grid(model: str | Path, n: int, out: str | Path, *, seed: int | Non
             "image_size": meta["image_size"], "model": str(model)}
 
 
+# ------------------------------------------------------------------------------------- independent judge
+
+
+def load_judge(path: str | Path, device: str | torch.device | None = None):
+    """An independent judge: a classifier model file trained separately from the generator's guiding detector
+    (another seed, split or architecture), frozen; called on images in ``[-1, 1]``, it resizes and normalises
+    them as its file says (see :class:`animeai.tasks.generator.FrozenDetector`) and returns logits."""
+    from animeai.tasks.generator import load_detector
+
+    return load_detector(path, device)
+
+
+@torch.no_grad()
+def judge_scores(images: torch.Tensor, judge, character: str, batch_size: int = 64) -> dict[str, float]:
+    """How an independent judge (:func:`load_judge`) sees generated ``images`` (in ``[-1, 1]``) of ``character``:
+    ``judge_recognition`` (the fraction it classifies as the character; chance is 1 / its classes) and
+    ``judge_target_prob`` (its mean probability of the character). The character is matched by name, so the
+    judge may have other classes, or the same ones in another order, than the guiding detector."""
+    if character not in judge.class_names:
+        raise ValueError(f"the judge {judge.path} does not know the character {character!r}; its classes: "
+                         f"{', '.join(judge.class_names[:20])}{' ...' if len(judge.class_names) > 20 else ''}")
+    idx = judge.class_names.index(character)
+    device = judge.mean.device
+    probs = torch.cat([judge(x.to(device).float()).softmax(dim=1).cpu() for x in images.split(batch_size)])
+    return {"judge_recognition": (probs.argmax(dim=1) == idx).float().mean().item(),
+            "judge_target_prob": probs[:, idx].mean().item()}
+
+
 # ---------------------------------------------------------------------------------------- the local job
 
 SMOKE_DATA = {"num_classes": 3, "images_per_class": 16, "image_size": 64, "seed": 0}
@@ -145,31 +173,47 @@ def build_job_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _smoke_detector(workdir: Path, data: Path) -> Path:
-    """Train a tiny detector on the smoke data (4 epochs, Lite0 offline weights, 64 px)."""
+def train_smoke_classifier(workdir: Path, data: Path, name: str = "detector", seed: int = 42,
+                           split_seed: int = 0) -> Path:
+    """Train a tiny classifier on the smoke data (4 epochs, Lite0 offline weights, 64 px) into
+    ``workdir/<name>.pth``. Other seeds (weights init and shuffling; the train/val split) make an independent
+    judge of the same characters."""
     from animeai.config import DetectorConfig, load_config
     from animeai.engine import train
     from animeai.tasks.detector import DetectorTask
 
     cfg = load_config(DetectorConfig, None, {
-        "data.root": str(data), "data.image_size": 64, "data.num_workers": 0, "model.arch": "efficientnet_lite0",
-        "model.pretrained": "package", "optim.batch_size": 16, "run.epochs": 4, "run.progress": False,
-        "run.out": str(workdir / "detector.pth"), "run.run_dir": str(workdir / "detector_run"),
+        "data.root": str(data), "data.image_size": 64, "data.num_workers": 0, "data.split_seed": split_seed,
+        "model.arch": "efficientnet_lite0", "model.pretrained": "package", "optim.batch_size": 16, "run.epochs": 4,
+        "run.seed": seed, "run.progress": False, "run.out": str(workdir / f"{name}.pth"),
+        "run.run_dir": str(workdir / f"{name}_run"),
     })
     return train(cfg, DetectorTask(cfg)).model_path
 
 
-def _smoke_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """Tiny generated characters and a detector trained on them briefly; the epochs/target given win."""
+def make_smoke_setup(workdir: str | Path | None = None, *, judge: bool = False) -> dict[str, Path]:
+    """What every generator ``--smoke-test`` trains on: tiny generated characters (``SMOKE_DATA``) in
+    ``workdir/chars`` and a detector trained on them briefly; with ``judge``, also an independent judge
+    classifier (another seed). Returns ``{"workdir", "data", "detector"[, "judge"]}`` (absolute paths)."""
     from animeai.data.synthetic import make_synthetic_dataset
 
     # Tiny models gain nothing from several intra-op threads, and on a busy machine they lose a lot to them.
     torch.set_num_threads(1)
-    work = Path(tempfile.mkdtemp(prefix="animeai-generator-smoke-"))
+    work = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="animeai-generator-smoke-"))
+    work = work.absolute()
     make_synthetic_dataset(work / "chars", **SMOKE_DATA)
     print(f"smoke test: data and outputs in {work}", file=sys.stderr)
-    detector = _smoke_detector(work, work / "chars")
-    over = {**SMOKE_OVERRIDES, "data.root": str(work / "chars"), "guide.detection_model": str(detector),
+    out = {"workdir": work, "data": work / "chars", "detector": train_smoke_classifier(work, work / "chars")}
+    if judge:
+        out["judge"] = train_smoke_classifier(work, work / "chars", "judge", seed=7, split_seed=7)
+    return out
+
+
+def _smoke_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Tiny generated characters and a detector trained on them briefly; the epochs/target given win."""
+    smoke = make_smoke_setup()
+    work = smoke["workdir"]
+    over = {**SMOKE_OVERRIDES, "data.root": str(smoke["data"]), "guide.detection_model": str(smoke["detector"]),
             "run.out": str(work / "generator.pth"), "run.run_dir": str(work / "generator_run"),
             "sample.folder": str(work / "generated_images")}
     for key in ("run.epochs", "guide.target_class"):

@@ -15,13 +15,19 @@ Sweep file::
 Each trial runs the same ``engine.train``: in-process when a trial has one worker (no TorchTrainer start-up
 cost), or as a TorchTrainer with ``workers_per_trial`` workers whose reports reach Tune through Ray's
 ``TuneReportCallback`` (Train V2 refuses ``Tuner(TorchTrainer)``; a function trainable that fits a trainer
-is the supported shape). ASHA stops weak trials early, by epoch.
+is the supported shape). ASHA stops weak trials early, by epoch (``time_attr="epoch"``).
+
+A trial reports at the epochs that carry the sweep's metric (evaluation epochs, see ``run.eval_every``).
+``metrics_fn(metrics, task) -> dict`` (one worker per trial) adds metrics the task itself does not compute, at
+the end of each epoch: the generator sweep ranks trials by an independent judge's score this way, never by the
+losses that trained the generator (``jobs/sweep_generator.py``, :mod:`animeai.distributed.fanout`).
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,12 +101,25 @@ def run_trial(trial_config: dict[str, Any]) -> None:
     """Function trainable: one trial = one ``engine.train`` (in-process, or a TorchTrainer inside)."""
     cfg, task_cls = _trial_cfg(trial_config)
     trial_dir = Path(tempfile.mkdtemp(prefix="animeai-trial-"))
-    cfg = with_overrides(cfg, {"run.out": str(trial_dir / "model.pth"), "run.run_dir": str(trial_dir / "run"),
-                               "run.progress": False, "run.resume": False,
-                               "run.overwrite": True})  # the trial's own folder (a retried trial starts over)
+    over = {"run.out": str(trial_dir / "model.pth"), "run.run_dir": str(trial_dir / "run"), "run.progress": False,
+            "run.resume": False, "run.overwrite": True}  # the trial's own folder (a retried trial starts over)
+    if hasattr(cfg, "sample"):
+        over["sample.folder"] = str(trial_dir / "samples")  # a task's sample grids stay in the trial's folder too
+    cfg = with_overrides(cfg, over)
     workers = trial_config["workers_per_trial"]
+    metrics_fn, metric = trial_config.get("metrics_fn"), trial_config.get("metric")
     if workers <= 1:
+        if trial_config.get("threads"):
+            import torch
+
+            torch.set_num_threads(int(trial_config["threads"]))
+
         def report(metrics, state_dir, task):
+            metrics = dict(metrics)
+            if metrics_fn is not None:
+                metrics.update(metrics_fn(metrics, task) or {})
+            if metric is not None and metric not in metrics:
+                return  # not an evaluation epoch: nothing to rank the trial by
             tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, bool))})
 
         train(cfg, task_cls(cfg), make_accelerator(cfg.run), callbacks=[report])
@@ -137,8 +156,16 @@ def sweep(
     storage_path: str | None = None,
     name: str = "sweep",
     extra_overrides: dict[str, Any] | None = None,
+    metrics_fn: Callable[[dict[str, Any], Any], dict[str, Any]] | None = None,
+    threads_per_trial: int | None = None,
 ):
-    """Run the sweep; return Tune's ``ResultGrid``."""
+    """Run the sweep; return Tune's ``ResultGrid``.
+
+    ``metrics_fn(metrics, task) -> dict``: picklable; called in the trial after each epoch, its metrics join the
+    epoch's (one worker per trial only). ``threads_per_trial``: torch intra-op threads of an in-process trial
+    (default: as the worker process has them)."""
+    if metrics_fn is not None and workers_per_trial > 1:
+        raise ValueError("metrics_fn needs in-process trials (workers_per_trial 1)")
     cfg_cls, _ = get_task(spec.task)
     cfg = from_dict(cfg_cls, spec.base)
     over = dict(extra_overrides or {})
@@ -149,7 +176,8 @@ def sweep(
 
     storage = storage_path or str(Path(DEFAULT_STORAGE).absolute())
     trial_config = {"task": spec.task, "cfg": to_dict(cfg), "workers_per_trial": workers_per_trial,
-                    "use_gpu": gpus_per_trial > 0, "cpus_per_worker": cpus_per_trial, "storage_path": storage}
+                    "use_gpu": gpus_per_trial > 0, "cpus_per_worker": cpus_per_trial, "storage_path": storage,
+                    "metric": spec.metric, "metrics_fn": metrics_fn, "threads": threads_per_trial}
     if workers_per_trial <= 1:
         resources = {"cpu": cpus_per_trial, "gpu": gpus_per_trial}
     else:
@@ -162,7 +190,7 @@ def sweep(
         param_space=param_space(spec),
         tune_config=tune.TuneConfig(
             metric=spec.metric, mode=spec.mode, num_samples=num_samples, max_concurrent_trials=max_concurrent,
-            scheduler=ASHAScheduler(max_t=cfg.run.epochs, grace_period=grace_period),
+            scheduler=ASHAScheduler(time_attr="epoch", max_t=cfg.run.epochs, grace_period=grace_period),
         ),
         run_config=tune.RunConfig(name=name, storage_path=storage),
     )
@@ -189,12 +217,14 @@ def _trainable(config: dict[str, Any], trial_config: dict[str, Any]) -> None:
     run_trial({**trial_config, "params": config["params"]})
 
 
-def summarize(results, spec: SweepSpec) -> dict[str, Any]:
-    """Rows per trial (params, metric, epochs) and the best trial's full config."""
+def summarize(results, spec: SweepSpec, extra: Sequence[str] = ()) -> dict[str, Any]:
+    """Rows per trial (params, metric, ``extra`` metrics for information, epochs) and the best trial's full config
+    (the best by ``spec.metric`` only)."""
     rows = []
     for r in results:
         m = r.metrics or {}
         rows.append({"params": (r.config or {}).get("params", {}), spec.metric: m.get(spec.metric),
+                     **{k: m.get(k) for k in extra if k != spec.metric},
                      "epochs": m.get("epoch"), "error": str(r.error).splitlines()[0] if r.error else None})
     ok = [r for r in rows if r[spec.metric] is not None]
     if not ok:
@@ -203,18 +233,21 @@ def summarize(results, spec: SweepSpec) -> dict[str, Any]:
     best = (max if spec.mode == "max" else min)(ok, key=lambda r: r[spec.metric])
     cfg_cls, _ = get_task(spec.task)
     best_cfg = with_overrides(from_dict(cfg_cls, spec.base), best["params"])
-    return {"metric": spec.metric, "mode": spec.mode, "trials": rows, "best": best, "best_config": to_dict(best_cfg)}
+    return {"metric": spec.metric, "mode": spec.mode, "extra_metrics": [k for k in extra if k != spec.metric],
+            "trials": rows, "best": best, "best_config": to_dict(best_cfg)}
 
 
 def format_table(summary: dict[str, Any]) -> str:
     metric = summary["metric"]
     keys = sorted({k for r in summary["trials"] for k in r["params"]})
-    header = ["#", *keys, metric, "epochs", "error"]
+    extra = list(summary.get("extra_metrics", []))
+    header = ["#", *keys, metric, *extra, "epochs", "error"]
     lines = []
     for i, r in enumerate(summary["trials"]):
         vals = [str(i), *(f"{r['params'].get(k):.4g}" if isinstance(r["params"].get(k), float)
                           else str(r["params"].get(k)) for k in keys),
-                "-" if r[metric] is None else f"{r[metric]:.4f}", str(r["epochs"]), r["error"] or ""]
+                *("-" if r.get(k) is None else f"{r[k]:.4f}" for k in (metric, *extra)), str(r["epochs"]),
+                r["error"] or ""]
         lines.append(vals)
     widths = [max(len(h), *(len(v[i]) for v in lines)) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
