@@ -264,6 +264,126 @@ def add_generate_parser(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
 
+# ---------------------------------------------------------------------------------- evaluate-generator
+
+
+def cmd_evaluate_generator(args: argparse.Namespace) -> int:
+    from animeai.gen_eval import evaluate_generator
+
+    report = evaluate_generator(args.model, args.data, args.judge, n=args.n, seed=args.seed,
+                                batch_size=args.batch_size, device=args.device, features=args.features,
+                                features_pretrained=args.features_pretrained, feature_size=args.feature_size,
+                                kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
+                                real_split=args.real_split)
+    j, k, d = report["judge"], report["kid"], report["diversity"]
+    print(f"{report['character']}: judge recognition {j['recognition']:.3f} (chance {j['chance']:.3f}, real images "
+          f"{j['real_recognition']:.3f})  KID {k['mean']:.4f} +- {k['std']:.4f}  diversity {d['samples']:.3f} vs real "
+          f"{d['real']:.3f} (ratio {d['ratio']:.2f})", file=sys.stderr)
+    if not j["independence"]["verified"]:
+        print(f"warning: {j['independence']['note']}", file=sys.stderr)
+    _write_json(report, args.out)
+    return 0
+
+
+def add_evaluate_generator_parser(sub) -> None:
+    # the defaults of animeai.gen_eval, written out here so that building the parser does not import torch
+    features, feature_size, splits = "efficientnet_lite0", 224, ("train", "val", "all")
+    p = sub.add_parser("evaluate-generator", help="quality of a generator by networks it never trained against (JSON)",
+                       description="Sample --n images of a generator model file and report (JSON): the recognition "
+                       "rate of an independent judge (a classifier trained separately from the guiding detector; the "
+                       "detector itself is refused), KID between samples and real images of the character on a "
+                       "frozen ImageNet backbone's features, and sample diversity (mean pairwise cosine distance of "
+                       "features) against the same figure on the real images.")
+    p.add_argument("--model", required=True, help="generator model file (animeai train generator)")
+    p.add_argument("--data", required=True, help="the data folder with real images of the character "
+                   "(<data>/<character>/ or <data>/train|val/<character>/)")
+    p.add_argument("--judge", required=True, help="classifier model file trained separately (another seed, split or "
+                   "architecture) that knows the character by name")
+    p.add_argument("--n", type=int_in(2, 100_000), default=256, help="number of samples (default: 256)")
+    p.add_argument("--seed", type=int_in(0), default=0, help="noise and KID-subset seed (default: 0)")
+    p.add_argument("--out", help="write the JSON report here (default: print it)")
+    p.add_argument("--real-split", choices=splits, default="train", help="real images to compare with: train "
+                   "(the generator's own: <data>/train/<character>/ or <data>/<character>/), val (held out: "
+                   "<data>/val/<character>/) or all (default: train)")
+    p.add_argument("--features", default=features, help=f"registry backbone whose pooled features KID and "
+                   f"diversity use (default: {features})")
+    p.add_argument("--features-pretrained", default="auto", help="its ImageNet weights: auto | package | hub | PATH "
+                   "(default: auto = the offline package when installed)")
+    p.add_argument("--feature-size", type=int_in(16, 1024), default=feature_size,
+                   help=f"images are resized to this for the feature network (default: {feature_size})")
+    p.add_argument("--kid-subsets", type=int_in(1, 100_000), default=100, help="KID subsets (default: 100)")
+    p.add_argument("--kid-subset-size", type=int_in(2), default=None,
+                   help="images per KID subset (default: min(1000, real images, --n))")
+    p.add_argument("--batch-size", type=int_in(1, 4096), default=64, help="images per batch (default: 64)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    p.set_defaults(func=cmd_evaluate_generator)
+
+
+# ---------------------------------------------------------------------------------------- online learning
+
+
+def _online_summary(ol) -> dict:
+    return {"roles": ol.list_roles(), "database": str(ol.db_path), "index": ol.db.index_spec, "notes": ol.notes}
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    from animeai.online import OnlineLearningSystem
+
+    ol = OnlineLearningSystem(args.model, args.db, index_kind=args.index_kind)
+    report = ol.enroll(args.data, skip_bad=not args.strict)
+    for s in report["skipped"]:
+        print(f"skipped {s}", file=sys.stderr)
+    print(f"enrolled {report['vectors']} embeddings of {report['roles']} roles into {args.db} ({report['index']})",
+          file=sys.stderr)
+    _write_json({**_online_summary(ol), "skipped": report["skipped"]}, None)
+    return 0
+
+
+def cmd_add_role(args: argparse.Namespace) -> int:
+    from animeai.inference import expand_paths
+    from animeai.online import OnlineLearningSystem
+
+    paths = expand_paths(args.images)
+    ol = OnlineLearningSystem(args.model, args.db)
+    new_id = ol.add_new_role(args.name, paths, skip_bad=args.skip_bad)
+    for e in ol.last_skipped:
+        print(f"skipped {e}", file=sys.stderr)
+    out = {"id": new_id, "name": args.name, **_online_summary(ol)}
+    if args.save_model:
+        out["model"] = str(ol.save_model(args.save_model))
+        print(f"wrote {args.save_model}", file=sys.stderr)
+    else:
+        print(f"role {args.name!r} (id {new_id}) is in {args.db}; the model file is unchanged (use --save-model "
+              "OUT to write the extended classifier)", file=sys.stderr)
+    _write_json(out, None)
+    return 0
+
+
+def add_online_parsers(sub) -> None:
+    p = sub.add_parser("enroll", help="build or refresh a role feature database from a labelled folder",
+                       description="Embed every image of <data>/<character>/ (or <data>/train/<character>/) with the "
+                       "model and store the embeddings in the FAISS feature database --db (created if missing; "
+                       "replaced atomically). Folders must name classes of the model. Prints the roles as JSON.")
+    p.add_argument("--model", required=True, help="classifier model file")
+    p.add_argument("--db", required=True, help="feature database folder")
+    p.add_argument("--data", required=True, help="folder of character folders")
+    p.add_argument("--index-kind", default="auto", help="auto | flat | ivf | hnsw | ivfpq | opq | a FAISS "
+                   "index_factory string (default: auto, chosen by size)")
+    p.add_argument("--strict", action="store_true", help="fail on an unreadable image instead of skipping it")
+    p.set_defaults(func=cmd_enroll)
+    p = sub.add_parser("add-role", help="add a character to a model + feature database without retraining",
+                       description="Imprint a new classifier row from the images' embeddings and store them in the "
+                       "feature database --db (saved at once). --save-model writes the extended classifier as a "
+                       "normal model file (predict/evaluate/info load it).")
+    p.add_argument("--model", required=True, help="classifier model file")
+    p.add_argument("--db", required=True, help="feature database folder (built from the model's classes if empty)")
+    p.add_argument("--name", required=True, help="the new character's name (any unicode)")
+    p.add_argument("images", nargs="+", metavar="IMG", help="image files and/or folders")
+    p.add_argument("--save-model", metavar="OUT", help="write the extended classifier here")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (default: refuse, naming them)")
+    p.set_defaults(func=cmd_add_role)
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -278,6 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_inference_parsers(sub)
     add_utility_parsers(sub)
     add_generate_parser(sub)
+    add_online_parsers(sub)
+    add_evaluate_generator_parser(sub)
     return parser
 
 

@@ -44,6 +44,7 @@ def check_generator_metadata(meta: dict[str, Any], tensors: dict[str, torch.Tens
         raise MetadataError("character", f"is {meta['character']!r} but class {meta['class_id']} of 'class_names' is "
                             f"{meta['class_names'][meta['class_id']]!r}")
     expect_str(meta, "detection_model")
+    expect_str(meta, "detection_model_sha256")  # the detector file's content hash (evaluate-generator's judge check)
 
 
 register_metadata_schema("generator", check_generator_metadata)

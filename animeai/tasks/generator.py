@@ -45,6 +45,7 @@ from animeai.checkpoint import CheckpointError, read_metadata
 from animeai.config import ConfigError, GeneratorConfig
 from animeai.data.folder import DatasetError, EpochShuffleSampler, has_train_val, report_skipped, visible_files
 from animeai.data.images import load_image, validate_images
+from animeai.gen_eval import file_sha256
 from animeai.generation import save_grid
 from animeai.models.gan import (
     create_discriminator,
@@ -222,6 +223,8 @@ class GeneratorTask(Task):
             raise ConfigError("all generator loss weights are 0 (--adv-weight, --cls-weight, --perc-weight): "
                               "nothing would train the generator")
         self.detector = load_detector(cfg.guide.detection_model, device)
+        # recorded in the model file: `evaluate-generator` refuses this very detector as an independent judge
+        self.detector_sha256 = file_sha256(cfg.guide.detection_model)
         self.class_names = self.detector.class_names
         self.class_id = resolve_target_class(cfg.guide.target_class, self.class_names,
                                              f"the detector {cfg.guide.detection_model}")
@@ -398,6 +401,7 @@ class GeneratorTask(Task):
             "character": self.character,
             "class_names": self.class_names,
             "detection_model": str(cfg.guide.detection_model),
+            "detection_model_sha256": self.detector_sha256,
             "detector_arch": self.detector.arch,
             "discriminator": cfg.model.discriminator,
             "perceptual": f"{cfg.guide.perceptual} ({self.perceptual.pretrained_source})",
