@@ -71,6 +71,25 @@ class Classifier:
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
         return self.model(batch.to(self.device)).float().cpu()
 
+    @torch.no_grad()
+    def embed(self, batch: torch.Tensor) -> torch.Tensor:
+        """Penultimate (pooled, pre-classifier) features of a preprocessed batch, ``(n, feature_dim)``, not
+        normalised: timm's ``forward_features`` then ``forward_head(pre_logits=True)``."""
+        features = self.model.forward_features(batch.to(self.device, memory_format=torch.channels_last))
+        return self.model.forward_head(features, pre_logits=True).float().cpu()
+
+    def embed_paths(self, paths: Sequence[Path], batch_size: int = 32) -> torch.Tensor:
+        """Features of image files (decoded like ``predict_paths``); an unreadable file raises ``ImageError``."""
+        out: list[torch.Tensor] = []
+        for start in range(0, len(paths), batch_size):
+            chunk = [self.transform(load_image(p, draft_size=self.image_size)) for p in paths[start:start + batch_size]]
+            out.append(self.embed(torch.stack(chunk)))
+        return torch.cat(out) if out else torch.empty(0, self.feature_dim)
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.model.num_features)
+
     def _loader(self, dataset: Dataset, batch_size: int, num_workers: int) -> DataLoader:
         return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
 

@@ -1,0 +1,702 @@
+"""The role feature database: L2-normalised embeddings in a FAISS index, ids <-> roles beside it.
+
+* **Vectors.** Every stored vector is an L2-normalised embedding, so inner product = cosine similarity. A vector's
+  id is its row number (ids are never reused); ``vec_role[id]`` is the role it belongs to (``-1`` once its role
+  is removed). The normalised vectors and their original norms are kept next to the index (``vectors.npy``,
+  ``norms.npy``): they give the raw features back for replay training and let the index be rebuilt or re-trained
+  as another kind (:meth:`FeatureDB.rebuild`) without decoding an image again.
+* **Roles.** Role ``i`` of the database is class ``i`` of the classifier it was built for. Each role has metadata
+  (a JSON object) and a prototype: the normalised mean of its exemplars, or, for a role without exemplars, a
+  vector given when it was added (e.g. the classifier's own weight row).
+* **Index kinds** (:func:`choose_index`): FAISS ``index_factory`` strings. ``auto`` picks exact ``Flat`` up to
+  50k vectors, ``IVF<nlist>,Flat`` up to 2M, and above that ``OPQ<m>_<4m>,IVF<nlist>,PQ<m>x4fsr,Refine(SQ8)``
+  (compressed fast-scan codes, candidates re-ranked from 8-bit scalar codes). The names ``flat``, ``ivf``,
+  ``hnsw``, ``ivfpq`` and ``opq`` pick a kind with the same size rules for its parameters; any other string is
+  used as a factory string as is. Indexes that cannot remove vectors (HNSW, re-ranking indexes) keep removed
+  vectors as tombstones that searches skip until the next rebuild.
+* **GPU.** With ``device="auto"`` the index is copied to a GPU when ``faiss`` was built with GPU support (the
+  ``[gpu]`` extra, ``faiss-gpu-cu12``) and a CUDA device is visible; otherwise (and for kinds FAISS has no GPU
+  version of) it stays on the CPU. The API is the same.
+* **Threads.** A readers-writer lock: any number of concurrent searches on a CPU index (FAISS CPU search is
+  thread-safe), adds/removals/rebuilds exclusive. GPU indexes are not safe even for concurrent searches, so there
+  every search takes the lock exclusively.
+* **Persistence** (:meth:`FeatureDB.save` / :meth:`FeatureDB.load`): a folder holding generation folders
+  ``gen-<n>/`` and a ``CURRENT`` file naming the live one. A save writes a complete new generation into a
+  temporary folder (each file fsync'ed, then the folder), renames it into place, fsyncs the parent, then replaces
+  ``CURRENT`` atomically (temp file, fsync, rename, fsync of the folder). A process killed at any moment leaves
+  ``CURRENT`` naming either the previous or the new generation, both complete. Each generation has
+  ``manifest.json`` (format, version, dimension, model hash, index kind, counts, and the size + SHA-256 of every
+  file), ``index.faiss`` (``faiss.write_index``; FAISS files are not pickles), ``roles.json`` and ``.npy`` arrays
+  read with ``allow_pickle=False``. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from animeai.online.errors import FeatureDBError, OnlineError
+
+FORMAT = "animeai.feature_db"
+FORMAT_VERSION = 1
+CURRENT = "CURRENT"
+MANIFEST = "manifest.json"
+_GEN_RE = re.compile(r"^gen-(\d{8})$")
+_FILES = ("index.faiss", "vectors.npy", "norms.npy", "vec_role.npy", "prototypes.npy", "roles.json")
+FLAT_MAX = 50_000
+IVF_FLAT_MAX = 2_000_000
+
+
+def require_faiss():
+    """Import FAISS or explain how to install it."""
+    try:
+        import faiss
+    except ImportError as exc:
+        raise OnlineError('the online-learning system needs FAISS: pip install -e ".[online]" (faiss-cpu), or '
+                          f'".[gpu]" for faiss-gpu-cu12 ({exc})') from None
+    return faiss
+
+
+# ------------------------------------------------------------------------------------------ index kinds
+
+
+def _nlist(n: int) -> int:
+    """IVF lists: about 4 * sqrt(n), a power of two, and at least 39 training points per list."""
+    target = 4 * math.sqrt(max(n, 1))
+    nlist = 2 ** max(0, round(math.log2(target)))
+    while nlist > 1 and n < 39 * nlist:
+        nlist //= 2
+    return max(1, nlist)
+
+
+def _pq_m(dim: int) -> int:
+    """PQ sub-quantisers for compressed kinds: dim/8 (64 for 512-d), a divisor of the OPQ output dim."""
+    m = max(4, min(64, dim // 8))
+    return m - m % 4 or 4
+
+
+def choose_index(n: int, dim: int, kind: str = "auto") -> str:
+    """The ``faiss.index_factory`` string for ``n`` vectors of ``dim`` (see the module docstring for the rules)."""
+    if kind == "auto":
+        kind = "flat" if n <= FLAT_MAX else "ivf" if n <= IVF_FLAT_MAX else "opq"
+    nlist = _nlist(n)
+    m = _pq_m(dim)
+    named = {
+        "flat": "Flat",
+        "ivf": f"IVF{nlist},Flat",
+        "hnsw": "HNSW32,Flat",
+        "ivfpq": f"IVF{nlist},PQ{m}x4fsr,Refine(SQ8)",
+        "opq": f"OPQ{m}_{4 * m},IVF{nlist},PQ{m}x4fsr,Refine(SQ8)",
+    }
+    return named.get(kind, kind)
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    """Search-time knobs: IVF lists probed, HNSW beam width, re-ranking candidates per result."""
+
+    nprobe: int = 32
+    ef_search: int = 128
+    k_factor: int = 4
+
+
+def _native_ids(spec: str) -> bool:
+    return spec.startswith("IDMap") or (spec.startswith("IVF") and "Refine" not in spec and "RFlat" not in spec)
+
+
+def new_index(spec: str, dim: int, faiss=None):
+    """An empty inner-product index for ``spec``, wrapped in ``IDMap2`` unless it stores ids itself (IVF)."""
+    faiss = faiss or require_faiss()
+    full = spec if _native_ids(spec) else f"IDMap2,{spec}"
+    try:
+        return faiss.index_factory(dim, full, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise OnlineError(f"index kind {spec!r} is not a valid FAISS index_factory string: "
+                          f"{str(exc).strip().splitlines()[-1]}") from None
+
+
+def apply_search_params(index, params: SearchParams, faiss=None) -> None:
+    """Set nprobe / efSearch / k_factor wherever the index (or what it wraps) has them."""
+    faiss = faiss or require_faiss()
+    ps = faiss.ParameterSpace()
+    for name, value in (("nprobe", params.nprobe), ("efSearch", params.ef_search)):
+        with contextlib.suppress(RuntimeError):
+            ps.set_index_parameter(index, name, value)
+    node = index
+    for _ in range(8):  # walk wrappers down to an IndexRefine, if any
+        node = faiss.downcast_index(node)
+        if isinstance(node, faiss.IndexRefine):
+            node.k_factor = float(params.k_factor)
+            return
+        inner = getattr(node, "index", None) or getattr(node, "base_index", None)
+        if inner is None:
+            return
+        node = inner
+
+
+def faiss_device(device: str = "auto", faiss=None) -> str:
+    """``gpu`` when asked for (or ``auto``) and FAISS has GPU support and sees a CUDA device, else ``cpu``.
+    Asking for ``gpu`` on a machine without one is an error."""
+    faiss = faiss or require_faiss()
+    if device not in ("auto", "cpu", "gpu"):
+        raise OnlineError(f"feature-database device {device!r}: use auto, cpu or gpu")
+    has_gpu = hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    if device == "gpu" and not has_gpu:
+        raise OnlineError("feature-database device gpu: FAISS has no GPU support here (install the [gpu] extra, "
+                          "faiss-gpu-cu12, on a machine with CUDA) or use device cpu")
+    return "gpu" if has_gpu and device != "cpu" else "cpu"
+
+
+# ------------------------------------------------------------------------------------------ locking
+
+
+class RWLock:
+    """Many readers or one writer; a waiting writer blocks new readers (no writer starvation)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._waiting_writers = 0
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._waiting_writers:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting_writers += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._waiting_writers -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def normalize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row-normalised float32 copy and the row norms; a zero or non-finite row is an error."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2:
+        raise OnlineError(f"embeddings must be a 2-D array (n, dim), got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise OnlineError("embeddings hold NaN or Infinity")
+    norms = np.linalg.norm(x, axis=1).astype(np.float32)
+    if (norms == 0).any():
+        raise OnlineError("an embedding is all zeros (cannot be normalised)")
+    return x / norms[:, None], norms
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as fh:
+        np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def is_database(path: str | Path) -> bool:
+    """True if ``path`` holds a database (a ``CURRENT`` file); an absent or empty folder is no database."""
+    return (Path(path) / CURRENT).exists()
+
+
+def is_empty_location(path: str | Path) -> bool:
+    p = Path(path)
+    return not p.exists() or (p.is_dir() and not any(p.iterdir()))
+
+
+# ------------------------------------------------------------------------------------------ the database
+
+
+class FeatureDB:
+    """Roles, their normalised exemplar embeddings and prototypes, and a FAISS index over the exemplars."""
+
+    def __init__(self, dim: int, model_hash: str, *, index_kind: str = "auto", params: SearchParams | None = None,
+                 device: str = "auto"):
+        self.faiss = require_faiss()
+        if not isinstance(dim, int) or dim < 1:
+            raise OnlineError(f"embedding dimension must be a positive integer, got {dim!r}")
+        self.dim = dim
+        self.model_hash = model_hash
+        self.index_kind = index_kind
+        self.params = params or SearchParams()
+        self.device = faiss_device(device, self.faiss)
+        self.lock = RWLock()
+        self.roles: list[dict[str, Any]] = []  # role i = class i of the classifier; {"name": ..., ...metadata}
+        self._prototypes = np.zeros((0, dim), np.float32)
+        self._fixed = np.zeros(0, bool)  # prototype given (no exemplars) rather than the exemplars' mean
+        self._sums = np.zeros((0, dim), np.float64)
+        self._counts = np.zeros(0, np.int64)
+        self._vec = np.zeros((0, dim), np.float32)  # capacity buffer; rows [0, _n) are used
+        self._norm = np.zeros(0, np.float32)
+        self._role_of = np.zeros(0, np.int32)
+        self._n = 0
+        self._tombstones = 0  # removed vectors still inside the index (kinds without remove_ids)
+        self.index_spec = choose_index(0, dim, index_kind)
+        self._index = new_index(self.index_spec, dim, self.faiss)
+        self._gpu_res = None
+        self._index = self._place(self._index)
+
+    # ---------------------------------------------------------------- read-only views
+
+    @property
+    def num_roles(self) -> int:
+        return len(self.roles)
+
+    @property
+    def num_vectors(self) -> int:
+        """Live exemplar vectors (removed roles' vectors excluded)."""
+        return int((self._role_of[: self._n] >= 0).sum())
+
+    @property
+    def ntotal(self) -> int:
+        return int(self._index.ntotal)
+
+    def role_names(self) -> list[str]:
+        return [r["name"] for r in self.roles]
+
+    def role_counts(self) -> list[int]:
+        return self._counts.tolist()
+
+    def prototypes(self) -> np.ndarray:
+        return self._prototypes.copy()
+
+    def vectors_of(self, role: int) -> tuple[np.ndarray, np.ndarray]:
+        """(normalised vectors, norms) of a role's exemplars: ``vectors * norms[:, None]`` are the raw features."""
+        rows = np.nonzero(self._role_of[: self._n] == role)[0]
+        return self._vec[rows].copy(), self._norm[rows].copy()
+
+    # ---------------------------------------------------------------- index placement
+
+    def _place(self, index):
+        if self.device != "gpu":
+            apply_search_params(index, self.params, self.faiss)
+            return index
+        try:
+            if self._gpu_res is None:
+                self._gpu_res = self.faiss.StandardGpuResources()
+            index = self.faiss.index_cpu_to_gpu(self._gpu_res, 0, index)
+        except RuntimeError as exc:  # a kind FAISS has no GPU version of (HNSW, refine): stay on the CPU
+            warnings.warn(f"index kind {self.index_spec} stays on the CPU: {str(exc).strip().splitlines()[-1]}",
+                          stacklevel=3)
+        apply_search_params(index, self.params, self.faiss)
+        return index
+
+    def _cpu_index(self):
+        if self.device == "gpu" and hasattr(self.faiss, "index_gpu_to_cpu"):
+            with contextlib.suppress(RuntimeError):  # already a CPU index (kind without a GPU version)
+                return self.faiss.index_gpu_to_cpu(self._index)
+        return self._index
+
+    @contextlib.contextmanager
+    def _search_lock(self) -> Iterator[None]:
+        ctx = self.lock.write() if self.device == "gpu" else self.lock.read()
+        with ctx:
+            yield
+
+    # ---------------------------------------------------------------- changes
+
+    def _grow(self, extra: int) -> None:
+        need = self._n + extra
+        if need <= len(self._vec):
+            return
+        cap = max(need, 2 * len(self._vec), 64)
+        vec = np.zeros((cap, self.dim), np.float32)
+        vec[: self._n] = self._vec[: self._n]
+        norm = np.zeros(cap, np.float32)
+        norm[: self._n] = self._norm[: self._n]
+        role_of = np.full(cap, -1, np.int32)
+        role_of[: self._n] = self._role_of[: self._n]
+        self._vec, self._norm, self._role_of = vec, norm, role_of
+
+    def check_name_free(self, name: str) -> None:
+        if name in self.role_names():
+            raise OnlineError(f"role {name!r} already exists (id {self.role_names().index(name)})")
+
+    def add_role(self, name: str, embeddings: np.ndarray | None = None, *, prototype: np.ndarray | None = None,
+                 metadata: dict[str, Any] | None = None) -> int:
+        """A new role (id = the next class id) with raw ``embeddings`` as exemplars, or only a ``prototype``."""
+        self.check_name_free(name)
+        if embeddings is None and prototype is None:
+            raise OnlineError(f"role {name!r}: give exemplar embeddings or a prototype")
+        normed = norms = None
+        if embeddings is not None:
+            normed, norms = self._check(embeddings)
+            if len(normed) == 0:
+                raise OnlineError(f"role {name!r}: no embeddings")
+        proto = None
+        if prototype is not None:
+            proto = self._check(np.asarray(prototype, np.float32).reshape(1, -1))[0][0]
+        entry = {"name": name, **(metadata or {})}
+        entry["name"] = name
+        with self.lock.write():
+            role = len(self.roles)
+            self.roles.append(entry)
+            self._prototypes = np.vstack([self._prototypes, np.zeros((1, self.dim), np.float32)])
+            self._sums = np.vstack([self._sums, np.zeros((1, self.dim), np.float64)])
+            self._counts = np.append(self._counts, 0)
+            self._fixed = np.append(self._fixed, proto is not None and normed is None)
+            if proto is not None:
+                self._prototypes[role] = proto
+            if normed is not None:
+                self._add_rows(role, normed, norms)
+        return role
+
+    def _check(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = np.asarray(embeddings)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise OnlineError(f"embeddings of shape {tuple(x.shape)} do not fit this database (dimension {self.dim})")
+        return normalize(x)
+
+    def add(self, role: int, embeddings: np.ndarray) -> np.ndarray:
+        """Add raw ``embeddings`` as exemplars of ``role``; returns their vector ids."""
+        normed, norms = self._check(embeddings)
+        with self.lock.write():
+            if not 0 <= role < len(self.roles):
+                raise OnlineError(f"unknown role id {role} (the database has {len(self.roles)} roles)")
+            return self._add_rows(role, normed, norms)
+
+    def _add_rows(self, role: int, normed: np.ndarray, norms: np.ndarray) -> np.ndarray:
+        n = len(normed)
+        self._grow(n)
+        ids = np.arange(self._n, self._n + n, dtype=np.int64)
+        if not self._index.is_trained:  # a trained kind loaded empty, or built before any vector: train now
+            self._index.train(normed)
+        self._index.add_with_ids(normed, ids)
+        self._vec[self._n: self._n + n] = normed
+        self._norm[self._n: self._n + n] = norms
+        self._role_of[self._n: self._n + n] = role
+        self._n += n
+        self._sums[role] += normed.sum(axis=0, dtype=np.float64)
+        self._counts[role] += n
+        self._fixed[role] = False
+        self._refresh_prototype(role)
+        return ids
+
+    def _refresh_prototype(self, role: int) -> None:
+        if self._fixed[role] or self._counts[role] == 0:
+            return
+        s = self._sums[role]
+        self._prototypes[role] = (s / max(np.linalg.norm(s), 1e-12)).astype(np.float32)
+
+    def remove_role(self, role: int) -> None:
+        """Remove a role and its vectors; later roles move down by one id (as the classifier's rows do)."""
+        with self.lock.write():
+            if not 0 <= role < len(self.roles):
+                raise OnlineError(f"unknown role id {role} (the database has {len(self.roles)} roles)")
+            used = self._role_of[: self._n]
+            rows = np.nonzero(used == role)[0].astype(np.int64)
+            if len(rows):
+                try:
+                    removed = self._index.remove_ids(self.faiss.IDSelectorBatch(rows))
+                    self._tombstones += len(rows) - int(removed)
+                except RuntimeError:  # this kind cannot remove: searches skip the rows until a rebuild
+                    self._tombstones += len(rows)
+            used[used == role] = -1
+            used[used > role] -= 1
+            del self.roles[role]
+            keep = np.arange(len(self._counts)) != role
+            self._prototypes, self._sums = self._prototypes[keep], self._sums[keep]
+            self._counts, self._fixed = self._counts[keep], self._fixed[keep]
+
+    def rebuild(self, kind: str | None = None) -> str:
+        """Build a fresh index of ``kind`` (default: this database's kind, re-chosen for the current size) from the
+        live vectors, training it when the kind needs training; drops tombstones. Returns the factory string."""
+        with self.lock.write():
+            if kind is not None:
+                self.index_kind = kind
+            live = np.nonzero(self._role_of[: self._n] >= 0)[0].astype(np.int64)
+            spec = choose_index(len(live), self.dim, self.index_kind)
+            index = new_index(spec, self.dim, self.faiss)
+            vectors = self._vec[live]
+            if not index.is_trained and len(live):
+                index.train(vectors)
+            if len(live):
+                index.add_with_ids(vectors, live)
+            self.index_spec, self._tombstones = spec, 0
+            self._index = self._place(index)
+            return spec
+
+    # ---------------------------------------------------------------- search
+
+    def search(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores, roles)`` of the ``k`` nearest exemplars of each query (cosine; queries need not be normalised).
+        Missing results (fewer than ``k`` live vectors) have role ``-1`` and score ``-inf``."""
+        q = self._check(queries)[0]
+        with self._search_lock():
+            total = int(self._index.ntotal)
+            fetch = min(total, k + self._tombstones)
+            out_s = np.full((len(q), k), -np.inf, np.float32)
+            out_r = np.full((len(q), k), -1, np.int64)
+            if fetch == 0:
+                return out_s, out_r
+            scores, ids = self._index.search(q, fetch)
+            roles = np.where(ids >= 0, self._role_of[np.clip(ids, 0, None)], -1)
+        for i in range(len(q)):
+            ok = roles[i] >= 0
+            s, r = scores[i][ok][:k], roles[i][ok][:k]
+            out_s[i, : len(s)], out_r[i, : len(r)] = s, r
+        return out_s, out_r
+
+    def prototype_scores(self, queries: np.ndarray) -> np.ndarray:
+        """Cosine similarity of each query with each role's prototype, ``(n, num_roles)``."""
+        q = self._check(queries)[0]
+        with self.lock.read():
+            return q @ self._prototypes.T
+
+    # ---------------------------------------------------------------- persistence
+
+    def save(self, path: str | Path) -> Path:
+        """Write a new generation into ``path`` atomically (see the module docstring); returns its folder."""
+        root = Path(path)
+        if root.exists() and not root.is_dir():
+            raise FeatureDBError(f"{root}: not a folder")
+        if root.exists() and not is_database(root) and not is_empty_location(root):
+            raise FeatureDBError(f"{root}: the folder holds other files and no feature database ({CURRENT} is "
+                                 "missing); choose an empty or new folder")
+        root.mkdir(parents=True, exist_ok=True)
+        with open(root / ".lock", "a") as lock_fh:
+            fcntl.flock(lock_fh, fcntl.LOCK_EX)  # one saver at a time, across processes
+            gens = sorted(int(m.group(1)) for p in root.iterdir() if (m := _GEN_RE.match(p.name)))
+            gen = (gens[-1] + 1) if gens else 1
+            tmp = root / f".tmp-gen-{gen:08d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            tmp.mkdir()
+            try:
+                with self.lock.read():  # a consistent snapshot: no add/remove while writing
+                    self._write_generation(tmp)
+                _fsync_dir(tmp)
+                final = root / f"gen-{gen:08d}"
+                os.rename(tmp, final)
+                _fsync_dir(root)
+                pointer = root / f".{CURRENT}.{uuid.uuid4().hex[:8]}.tmp"
+                _write_text(pointer, final.name + "\n")
+                os.replace(pointer, root / CURRENT)
+                _fsync_dir(root)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+            self._clean(root, keep={final.name, f"gen-{gens[-1]:08d}" if gens else ""})
+        return final
+
+    @staticmethod
+    def _clean(root: Path, keep: set[str]) -> None:
+        """Remove generations older than the previous one and temporary folders/files left by killed saves."""
+        for p in root.iterdir():
+            stale_gen = _GEN_RE.match(p.name) and p.name not in keep
+            if stale_gen or p.name.startswith(".tmp-gen-") or (p.name.startswith(f".{CURRENT}.")
+                                                                and p.name.endswith(".tmp")):
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        p.unlink()
+
+    def _write_generation(self, folder: Path) -> None:
+        n = self._n
+        self.faiss.write_index(self._cpu_index(), str(folder / "index.faiss"))
+        _fsync_file(folder / "index.faiss")
+        _write_npy(folder / "vectors.npy", self._vec[:n])
+        _write_npy(folder / "norms.npy", self._norm[:n])
+        _write_npy(folder / "vec_role.npy", self._role_of[:n])
+        _write_npy(folder / "prototypes.npy", self._prototypes)
+        roles = [{**r, "fixed_prototype": bool(f)} for r, f in zip(self.roles, self._fixed)]
+        _write_text(folder / "roles.json", json.dumps(roles, ensure_ascii=False, indent=1) + "\n")
+        from animeai import __version__
+
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "dim": self.dim, "model_hash": self.model_hash,
+            "metric": "inner_product", "index_kind": self.index_kind, "index_spec": self.index_spec,
+            "num_roles": len(self.roles), "num_rows": n, "num_vectors": self.num_vectors,
+            "tombstones": self._tombstones, "index_ntotal": int(self._index.ntotal),
+            "search_params": {"nprobe": self.params.nprobe, "ef_search": self.params.ef_search,
+                              "k_factor": self.params.k_factor},
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "library_version": __version__,
+            "files": {name: {"size": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
+                      for name in _FILES},
+        }
+        _write_text(folder / MANIFEST, json.dumps(manifest, ensure_ascii=False, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path, *, expect_dim: int | None = None, expect_model_hash: str | None = None,
+             device: str = "auto", verify: bool = True) -> FeatureDB:
+        """Read the live generation of ``path``. Every problem is a :class:`FeatureDBError` naming the file and the
+        reason: no database, a bad manifest, another format version, a missing or damaged file (size/SHA-256,
+        checked with ``verify``), a file that is not a FAISS index, or a dimension / model hash other than the
+        expected ones (a database built by another model)."""
+        root = Path(path)
+        if not root.is_dir():
+            raise FeatureDBError(f"{root}: feature database folder not found")
+        pointer = root / CURRENT
+        try:
+            gen_name = pointer.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            raise FeatureDBError(f"{pointer}: missing: {root} is not a feature database") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise FeatureDBError(f"{pointer}: unreadable ({exc})") from None
+        if not _GEN_RE.match(gen_name):
+            raise FeatureDBError(f"{pointer}: damaged: names {gen_name[:60]!r}, not a generation folder")
+        folder = root / gen_name
+        mpath = folder / MANIFEST
+        try:
+            manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FeatureDBError(f"{mpath}: missing (the generation {CURRENT} names is incomplete)") from None
+        except (OSError, ValueError) as exc:
+            raise FeatureDBError(f"{mpath}: damaged manifest, not valid JSON ({exc})") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise FeatureDBError(f"{mpath}: not an animeai feature database manifest (format is "
+                                 f"{manifest.get('format') if isinstance(manifest, dict) else manifest!r})")
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise FeatureDBError(f"{mpath}: feature database format version {manifest.get('format_version')!r} is "
+                                 f"not supported (this animeai reads version {FORMAT_VERSION})")
+        for key, typ in (("dim", int), ("model_hash", str), ("index_kind", str), ("index_spec", str),
+                         ("num_rows", int), ("num_roles", int), ("tombstones", int), ("files", dict)):
+            if not isinstance(manifest.get(key), typ):
+                raise FeatureDBError(f"{mpath}: damaged manifest: field {key!r} is missing or not a {typ.__name__}")
+        dim = manifest["dim"]
+        if expect_dim is not None and dim != expect_dim:
+            raise FeatureDBError(f"{mpath}: the database holds {dim}-d embeddings but the model gives {expect_dim}-d: "
+                                 "it was built by another model (rebuild it with animeai enroll)")
+        if expect_model_hash is not None and manifest["model_hash"] != expect_model_hash:
+            raise FeatureDBError(f"{mpath}: built by another model (model hash {manifest['model_hash'][:12]}..., "
+                                 f"this model's is {expect_model_hash[:12]}...): its embeddings do not match; "
+                                 "rebuild it with animeai enroll")
+        for name in _FILES:
+            f = folder / name
+            info = manifest["files"].get(name)
+            if not f.is_file():
+                raise FeatureDBError(f"{f}: missing")
+            if not isinstance(info, dict):
+                raise FeatureDBError(f"{mpath}: damaged manifest: no entry for {name}")
+            if f.stat().st_size != info.get("size"):
+                raise FeatureDBError(f"{f}: damaged: {f.stat().st_size} bytes, the manifest says {info.get('size')}")
+            if verify and _sha256(f) != info.get("sha256"):
+                raise FeatureDBError(f"{f}: damaged: its SHA-256 differs from the manifest's")
+        params = SearchParams(**{k: int(v) for k, v in manifest.get("search_params", {}).items()
+                                 if k in ("nprobe", "ef_search", "k_factor")})
+        db = cls(dim, manifest["model_hash"], index_kind=manifest["index_kind"], params=params, device=device)
+        n = manifest["num_rows"]
+        vec = _read_npy(folder / "vectors.npy", np.float32, (n, dim))
+        norm = _read_npy(folder / "norms.npy", np.float32, (n,))
+        role_of = _read_npy(folder / "vec_role.npy", np.int32, (n,))
+        protos = _read_npy(folder / "prototypes.npy", np.float32, (manifest["num_roles"], dim))
+        try:
+            roles = json.loads((folder / "roles.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise FeatureDBError(f"{folder / 'roles.json'}: damaged ({exc})") from None
+        if (not isinstance(roles, list) or len(roles) != manifest["num_roles"]
+                or not all(isinstance(r, dict) and isinstance(r.get("name"), str) and r["name"] for r in roles)):
+            raise FeatureDBError(f"{folder / 'roles.json'}: damaged: must list {manifest['num_roles']} named roles")
+        if len({r["name"] for r in roles}) != len(roles):
+            raise FeatureDBError(f"{folder / 'roles.json'}: damaged: role names repeat")
+        if n and (role_of.min() < -1 or role_of.max() >= len(roles)):
+            raise FeatureDBError(f"{folder / 'vec_role.npy'}: damaged: role ids out of range")
+        ipath = folder / "index.faiss"
+        try:
+            index = db.faiss.read_index(str(ipath))
+        except RuntimeError as exc:
+            raise FeatureDBError(f"{ipath}: not a FAISS index ({str(exc).strip().splitlines()[-1][:200]})") from None
+        if index.d != dim:
+            raise FeatureDBError(f"{ipath}: the index is {index.d}-d but the manifest says {dim}")
+        if index.metric_type != db.faiss.METRIC_INNER_PRODUCT:
+            raise FeatureDBError(f"{ipath}: the index does not use inner-product (cosine) similarity")
+        expected = int((role_of >= 0).sum()) + manifest["tombstones"]
+        if index.ntotal != expected:
+            raise FeatureDBError(f"{ipath}: holds {index.ntotal} vectors, the database expects {expected}")
+        db.roles = [{k: v for k, v in r.items() if k != "fixed_prototype"} for r in roles]
+        db._fixed = np.array([bool(r.get("fixed_prototype", False)) for r in roles], bool)
+        db._vec, db._norm, db._role_of, db._n = vec, norm, role_of, n
+        db._prototypes = protos
+        db._counts = np.bincount(role_of[role_of >= 0], minlength=len(roles)).astype(np.int64)
+        db._sums = np.zeros((len(roles), dim), np.float64)
+        live = np.nonzero(role_of >= 0)[0]
+        if len(live):
+            order = live[np.argsort(role_of[live], kind="stable")]
+            starts = np.searchsorted(role_of[order], np.arange(len(roles)))
+            nonempty = db._counts > 0
+            sums = np.add.reduceat(vec[order].astype(np.float64), starts[nonempty], axis=0)
+            db._sums[nonempty] = sums
+        db._tombstones = manifest["tombstones"]
+        db.index_spec = manifest["index_spec"]
+        db._index = db._place(index)
+        db.generation = folder
+        return db
+
+
+def _read_npy(path: Path, dtype, shape: tuple[int, ...]) -> np.ndarray:
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise FeatureDBError(f"{path}: damaged: not a readable .npy array ({exc})") from None
+    if arr.dtype != dtype or arr.shape != shape:
+        raise FeatureDBError(f"{path}: damaged: holds {arr.dtype} {arr.shape}, expected {np.dtype(dtype)} {shape}")
+    return np.array(arr)  # writable, owned copy
+
+
+def stored_files(path: str | Path) -> Sequence[str]:
+    """The file names of one generation (for tools and tests)."""
+    return (*_FILES, MANIFEST)

@@ -1,0 +1,454 @@
+"""Online learning: OnlineLearningSystem end to end, the FAISS feature database (persistence, kill safety, threads),
+bad input leaving everything unchanged, and the CLI commands.
+Tiny Lite0 (offline weights) at 64 px on synthetic data."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+faiss = pytest.importorskip("faiss")
+faiss.omp_set_num_threads(1)  # tiny indexes; avoids OpenMP spinning on a shared 2-core machine
+
+from animeai.checkpoint import save_model_file  # noqa: E402
+from animeai.online import FeatureDBError, OnlineError, OnlineLearningSystem  # noqa: E402
+from animeai.online.feature_db import FeatureDB, choose_index, faiss_device  # noqa: E402
+
+OLD, NEW = 4, 2
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Synthetic characters (4 known to the model, 2 new), and a Lite0 model file whose head was fitted on the 4."""
+    from animeai.data.synthetic import make_synthetic_dataset
+    from animeai.inference import Classifier
+    from animeai.models import create_model, get_model_spec
+
+    base = tmp_path_factory.mktemp("online")
+    data = base / "data"
+    names = make_synthetic_dataset(data, num_classes=OLD + NEW, images_per_class=12, image_size=64, seed=0,
+                                   val_fraction=0.5)
+    old, new = names[:OLD], names[OLD:]
+    old_train = base / "old_train"
+    old_train.mkdir()
+    for c in old:
+        (old_train / c).symlink_to(data / "train" / c)
+    spec = get_model_spec("efficientnet_lite0")
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0", num_classes=OLD, pretrained="package")
+    meta = {"kind": "classifier", "arch": "efficientnet_lite0", "num_classes": OLD, "class_names": old,
+            "image_size": 64, "mean": list(spec.mean), "std": list(spec.std), "config": {}, "metrics": {}}
+    clf = Classifier(model, meta, torch.device("cpu"))
+    paths = [p for c in old for p in sorted((data / "train" / c).iterdir())]
+    y = torch.tensor([i for i, c in enumerate(old) for _ in sorted((data / "train" / c).iterdir())])
+    x = clf.embed_paths(paths)
+    opt = torch.optim.Adam(model.classifier.parameters(), lr=1e-2)
+    for _ in range(100):
+        loss = torch.nn.functional.cross_entropy(model.classifier(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model_path = base / "base.pth"
+    save_model_file(model_path, model.state_dict(), meta)
+    return {"base": base, "data": data, "old": old, "new": new, "old_train": old_train, "model": model_path}
+
+
+def imgs(world, name, split="train", n=None):
+    return sorted((world["data"] / split / name).iterdir())[:n]
+
+
+def snapshot(ol, db_path: Path, probe, extra_files=()):
+    """Everything a failed call must leave unchanged: roles, answers, and every byte on disk."""
+    files = {str(p.relative_to(db_path)): p.read_bytes() for p in sorted(db_path.rglob("*")) if p.is_file()}
+    files.update({str(f): Path(f).read_bytes() for f in extra_files})
+    return ol.list_roles(), ol.identify(probe, k=3), files
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def test_original_snippet_end_to_end(world, tmp_path, capsys):
+    from animeai.cli import main
+
+    model_path, db_path = tmp_path / "character_classifier.pth", tmp_path / "feature_db"
+    model_path.write_bytes(world["model"].read_bytes())
+    ol = OnlineLearningSystem(model_path=str(model_path), feature_db_path=str(db_path))
+    assert "weight rows" in ol.notes[0]
+    new_id = ol.add_new_role("新角色", [str(p) for p in imgs(world, world["new"][0], n=4)])
+    assert new_id == OLD
+    assert [r["name"] for r in ol.list_roles()][-1] == "新角色"
+    out = tmp_path / "updated_model.pth"
+    ol.save_model(str(out))
+    # a normal model file: info / predict / evaluate load it unchanged
+    assert main(["info", str(out)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["class_names"] == world["old"] + ["新角色"] and info["kind"] == "classifier"
+    probe = imgs(world, world["new"][0], "val", 2)
+    assert main(["predict", "--model", str(out), *map(str, probe), "--top-k", "2"]) == 0
+    pred = json.loads(capsys.readouterr().out)
+    assert len(pred) == 2 and all(len(r["top_k"]) == 2 for r in pred)
+    val = tmp_path / "val"
+    val.mkdir()
+    for c in world["old"]:
+        (val / c).symlink_to(world["data"] / "val" / c)
+    (val / "新角色").symlink_to(world["data"] / "val" / world["new"][0])
+    assert main(["evaluate", "--model", str(out), "--data", str(val)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_images"] == 5 * 6 and "新角色" in report["per_class"]
+
+
+def test_enroll_then_identify_finds_new_roles(world, tmp_path):
+    ol = OnlineLearningSystem(world["model"], tmp_path / "db", data_root=world["old_train"])
+    assert [r["exemplars"] for r in ol.list_roles()] == [6] * OLD
+    for name in world["new"]:
+        ol.add_new_role(name, imgs(world, name, n=4))
+    hits = 0
+    for name in world["new"]:
+        answers = ol.identify(imgs(world, name, "val"), k=3)
+        hits += sum(a[0]["role"] == name for a in answers)
+        assert sum(name in {x["role"] for x in a} for a in answers) >= 5  # in the top 3 for 5 of 6 images
+        assert all(a[0]["score"] >= a[1]["score"] >= a[2]["score"] for a in answers)
+    assert hits >= 8, hits  # top-1 for 8 of the 12 held-out images of the new roles (chance: 2)
+    # old roles are still recognised
+    old_hits = [a[0]["role"] == c for c in world["old"] for a in ol.identify(imgs(world, c, "val"), k=1)]
+    assert np.mean(old_hits) >= 0.75
+
+
+def test_save_reopen_gives_identical_answers(world, tmp_path):
+    db_path = tmp_path / "db"
+    ol = OnlineLearningSystem(world["model"], db_path, data_root=world["old_train"])
+    for name in world["new"]:
+        ol.add_new_role(name, imgs(world, name, n=4))
+    probe = [p for c in world["old"] + world["new"] for p in imgs(world, c, "val", 2)]
+    before = ol.identify(probe, k=3)
+    saved = ol.save_model(tmp_path / "updated.pth")
+    again = OnlineLearningSystem(saved, db_path)
+    assert again.list_roles() == ol.list_roles()[:OLD] + [dict(r, head="trained") for r in ol.list_roles()[OLD:]]
+    assert again.identify(probe, k=3) == before
+    # the original model file + the saved database: the added roles are imprinted again, same answers
+    reopened = OnlineLearningSystem(world["model"], db_path)
+    assert any("imprinted" in n for n in reopened.notes)
+    assert reopened.identify(probe, k=3) == before
+
+
+def test_combination_beats_each_alone(world, tmp_path):
+    """Top-1 over all 6 roles (4 trained + 2 added from 4 images): classifier+database > each alone."""
+    ol = OnlineLearningSystem(world["model"], tmp_path / "db", data_root=world["old_train"])
+    for name in world["new"]:
+        ol.add_new_role(name, imgs(world, name, n=4))
+    names = world["old"] + world["new"]
+    paths = [p for c in names for p in imgs(world, c, "val")]
+    y = np.array([i for i, c in enumerate(names) for _ in imgs(world, c, "val")])
+    feats = ol.embed(paths)
+    comb, p_clf, p_db = ol.scores(feats)
+    acc = {k: float(np.mean(v.argmax(1) == y)) for k, v in (("combined", comb), ("classifier", p_clf),
+                                                             ("database", ol.scores(feats, classifier_weight=0)[0]))}
+    print(acc)
+    assert acc["combined"] >= max(acc["classifier"], acc["database"])
+    assert acc["combined"] > min(acc["classifier"], acc["database"])
+
+
+def test_incremental_update_replays_old_roles(world, tmp_path):
+    ol = OnlineLearningSystem(world["model"], tmp_path / "db", data_root=world["old_train"])
+    for name in world["new"]:
+        ol.add_new_role(name, imgs(world, name, n=3))
+    names = world["old"] + world["new"]
+    val = [p for c in names for p in imgs(world, c, "val")]
+    y = np.array([i for i, c in enumerate(names) for _ in imgs(world, c, "val")])
+
+    def acc(part):
+        p = ol.scores(ol.embed(val), classifier_weight=1.0)[1].argmax(1)
+        mask = y < OLD if part == "old" else y >= OLD
+        return float(np.mean(p[mask] == y[mask]))
+
+    old_before, new_before = acc("old"), acc("new")
+    extra = [p for c in world["new"] for p in imgs(world, c)[3:]]
+    labels = [c for c in world["new"] for _ in imgs(world, c)[3:]]
+    report = ol.incremental_update(extra, labels)
+    assert report["replayed"] > 0 and report["loss_after"] < report["loss_before"]
+    assert acc("old") >= old_before - 1 / 24  # at most one of 24 old-role images lost
+    assert acc("new") >= new_before
+    assert [r["exemplars"] for r in ol.list_roles()][OLD:] == [6, 6]
+
+
+def test_remove_role_and_add_images(world, tmp_path):
+    db_path = tmp_path / "db"
+    ol = OnlineLearningSystem(world["model"], db_path, data_root=world["old_train"])
+    a, b = world["new"]
+    ol.add_new_role(a, imgs(world, a, n=3))
+    ol.add_new_role(b, imgs(world, b, n=3))
+    assert ol.add_images(a, imgs(world, a)[3:5]) == 5
+    ol.remove_role(world["old"][0])
+    roles = ol.list_roles()
+    assert [r["name"] for r in roles] == world["old"][1:] + [a, b] and [r["id"] for r in roles] == list(range(5))
+    answers = ol.identify(imgs(world, world["old"][0], "val"), k=5)
+    assert all(world["old"][0] not in {x["role"] for x in ans} for ans in answers)
+    saved = ol.save_model(tmp_path / "m.pth")
+    assert OnlineLearningSystem(saved, db_path).list_roles()[3]["exemplars"] == 5
+    with pytest.raises(OnlineError, match="unknown role"):
+        ol.remove_role(world["old"][0])  # removed already
+
+
+def test_cli_enroll_and_add_role(world, tmp_path, capsys):
+    from animeai.cli import main
+
+    db = tmp_path / "db"
+    assert main(["enroll", "--model", str(world["model"]), "--db", str(db), "--data", str(world["old_train"])]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["exemplars"] for r in out["roles"]] == [6] * OLD
+    name = world["new"][0]
+    folder = world["data"] / "train" / name
+    assert main(["add-role", "--model", str(world["model"]), "--db", str(db), "--name", "Ünïcødé 角色", str(folder),
+                 "--save-model", str(tmp_path / "out.pth")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["id"] == OLD and out["roles"][-1]["exemplars"] == 6
+    assert main(["add-role", "--model", str(tmp_path / "out.pth"), "--db", str(db), "--name", "Ünïcødé 角色",
+                 str(folder)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def test_bad_input_leaves_model_and_database_unchanged(world, tmp_path):
+    db_path = tmp_path / "db"
+    model_path = tmp_path / "model.pth"
+    model_path.write_bytes(world["model"].read_bytes())
+    ol = OnlineLearningSystem(model_path, db_path, data_root=world["old_train"])
+    ol.add_new_role("Café", imgs(world, world["new"][0], n=3))
+    probe = imgs(world, world["new"][1], "val", 2)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "empty.jpg").write_bytes(b"")
+    (bad / "text.png").write_text("not an image")
+    good = imgs(world, world["new"][1], n=2)
+    before = snapshot(ol, db_path, probe, [model_path])
+    cases = [
+        (lambda: ol.add_new_role(world["old"][0], good), "already exists"),
+        (lambda: ol.add_new_role("Cafe\u0301", good), "already exists"),  # the same name, decomposed
+        (lambda: ol.add_new_role("x", []), "empty"),
+        (lambda: ol.add_new_role("x", str(good[0])), "list"),
+        (lambda: ol.add_new_role("", good), "empty"),
+        (lambda: ol.add_new_role(" padded", good), "white space"),
+        (lambda: ol.add_new_role("a\x00b", good), "control"),
+        (lambda: ol.add_new_role("x", [bad / "empty.jpg", bad / "text.png"]), "all image"),
+        (lambda: ol.add_new_role("x", [good[0], bad / "text.png", bad / "missing.jpg"]), "2 of 3"),
+        (lambda: ol.add_images("nobody", good), "unknown role"),
+        (lambda: ol.add_images("Café", [bad / "empty.jpg"]), "unreadable"),
+        (lambda: ol.remove_role("nobody"), "unknown role"),
+        (lambda: ol.incremental_update(good, ["Café"]), "one label per image"),
+        (lambda: ol.incremental_update(good, ["Café", "nobody"]), "unknown role"),
+        (lambda: ol.identify([bad / "text.png"]), "unreadable"),
+    ]
+    for call, message in cases:
+        with pytest.raises(OnlineError, match=message) as info:
+            call()
+        if message in ("all image", "2 of 3", "unreadable"):
+            assert "text.png" in str(info.value) or "empty.jpg" in str(info.value)
+        assert snapshot(ol, db_path, probe, [model_path]) == before, message
+    with pytest.raises(OnlineError) as info:
+        ol.add_new_role("x", [good[0], bad / "text.png", bad / "missing.jpg"])
+    assert "text.png: not a recognised image format" in str(info.value) and "missing.jpg: file not found" in str(
+        info.value)
+    # skip_bad: a partial success that reports what it skipped
+    with pytest.warns(UserWarning, match="skipped 1"):
+        new_id = ol.add_new_role("x", [good[0], bad / "text.png"], skip_bad=True)
+    assert ol.list_roles()[new_id]["exemplars"] == 1 and [e.path.name for e in ol.last_skipped] == ["text.png"]
+    assert ol.identify([good[0], bad / "text.png"], skip_bad=True)[1] == []
+
+
+def test_bad_model_files(world, tmp_path):
+    db = tmp_path / "db"
+    pickle = tmp_path / "pickle.pth"
+    torch.save({"a": torch.zeros(1)}, pickle)
+    with pytest.raises(OnlineError, match="pickle"):
+        OnlineLearningSystem(pickle, db)
+    other_kind = tmp_path / "judge.pth"
+    save_model_file(other_kind, {"w": torch.zeros(1)}, {"kind": "judge"})
+    with pytest.raises(OnlineError, match="not a classifier"):
+        OnlineLearningSystem(other_kind, db)
+    assert not db.exists()
+
+
+def test_database_of_another_model_or_damaged(world, tmp_path):
+    from animeai.checkpoint import read_model_file
+
+    db = tmp_path / "db"
+    OnlineLearningSystem(world["model"], db)
+    tensors, meta = read_model_file(world["model"])
+    tensors["conv_stem.weight"] = tensors["conv_stem.weight"] * 1.01  # another backbone
+    other = tmp_path / "other.pth"
+    save_model_file(other, tensors, meta)
+    files = {p: p.read_bytes() for p in db.rglob("*") if p.is_file()}
+    with pytest.raises(FeatureDBError, match="built by another model"):
+        OnlineLearningSystem(other, db)
+    small = tmp_path / "small"
+    FeatureDB(64, "x").save(small)
+    with pytest.raises(FeatureDBError, match="64-d"):
+        OnlineLearningSystem(world["model"], small)
+    assert {p: p.read_bytes() for p in db.rglob("*") if p.is_file()} == files
+
+    gen = db / (db / "CURRENT").read_text().strip()
+    manifest = gen / "manifest.json"
+    good = manifest.read_bytes()
+    vectors = (gen / "vectors.npy").read_bytes()
+    for damage, message in [
+        (lambda: manifest.write_text("{not json"), "manifest.json: damaged manifest"),
+        (lambda: manifest.write_text(good.decode().replace('"format_version": 1', '"format_version": 9')),
+         "version 9 is not supported"),
+        (lambda: (gen / "index.faiss").rename(gen / "gone"), "index.faiss: missing"),
+        (lambda: (gen / "vectors.npy").write_bytes(b"\x93NUMPY" + b"0" * 100), "vectors.npy: damaged"),
+    ]:
+        damage()
+        with pytest.raises(FeatureDBError, match=message):
+            FeatureDB.load(db)
+        manifest.write_bytes(good)
+        (gen / "vectors.npy").write_bytes(vectors)
+        if (gen / "gone").exists():
+            (gen / "gone").rename(gen / "index.faiss")
+    # a file that is not a FAISS index, with a manifest that agrees with it: read_index refuses it
+    import hashlib
+
+    junk = b"this is not a faiss index" * 10
+    (gen / "index.faiss").write_bytes(junk)
+    m = json.loads(good)
+    m["files"]["index.faiss"] = {"size": len(junk), "sha256": hashlib.sha256(junk).hexdigest()}
+    manifest.write_text(json.dumps(m))
+    with pytest.raises(FeatureDBError, match="index.faiss: not a FAISS index"):
+        FeatureDB.load(db)
+    (db / "CURRENT").unlink()
+    (db / "notes.txt").write_text("x")
+    with pytest.raises(FeatureDBError, match="no feature database"):
+        OnlineLearningSystem(world["model"], db)
+
+
+# ------------------------------------------------------------------------------------------ the database
+
+
+def _db(n_roles=3, per_role=20, dim=32, kind="auto", seed=0):
+    rng = np.random.default_rng(seed)
+    db = FeatureDB(dim, "h", index_kind=kind)
+    for r in range(n_roles):
+        db.add_role(f"r{r}", rng.normal(size=(per_role, dim)) + 3 * np.eye(dim)[r])
+    return db
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfpq"])
+def test_index_kinds_persist_and_skip_removed(kind, tmp_path):
+    db = _db(n_roles=4, per_role=100, kind=kind)
+    db.rebuild()
+    db.remove_role(1)
+    q = np.eye(32, dtype=np.float32)[:4] * 3
+    s, r = db.search(q, 10)
+    assert (r >= 0).all() and (r < 3).all()  # role 1 gone; later roles moved down
+    db.save(tmp_path / "db")
+    back = FeatureDB.load(tmp_path / "db", expect_dim=32, expect_model_hash="h")
+    assert back.role_names() == ["r0", "r2", "r3"] and back.role_counts() == [100] * 3
+    s2, r2 = back.search(q, 10)
+    np.testing.assert_array_equal(r, r2)
+    np.testing.assert_allclose(s, s2, rtol=1e-6)
+    np.testing.assert_array_equal(back.prototypes(), db.prototypes())
+
+
+def test_index_choice_and_device_rules():
+    assert choose_index(1000, 512) == "Flat"
+    assert choose_index(1_000_000, 512).startswith("IVF") and choose_index(1_000_000, 512).endswith(",Flat")
+    big = choose_index(10_000_000, 512)
+    assert big.startswith("OPQ64_256,IVF16384,PQ64") and big.endswith("Refine(SQ8)")
+    assert choose_index(5, 8, "HNSW16,Flat") == "HNSW16,Flat"
+    assert faiss_device("auto") == "cpu" and faiss_device("cpu") == "cpu"
+    if not hasattr(faiss, "StandardGpuResources"):
+        with pytest.raises(OnlineError, match="no GPU support"):
+            faiss_device("gpu")
+    with pytest.raises(OnlineError, match="not a valid FAISS"):
+        FeatureDB(8, "h", index_kind="NoSuchIndex42")
+
+
+def test_concurrent_add_and_search(tmp_path):
+    db = _db(n_roles=4, per_role=50, dim=32)
+    errors, adds, per_add = [], 40, 5
+    stop = threading.Event()
+    rng = np.random.default_rng(1)
+    batches = [rng.normal(size=(per_add, 32)) for _ in range(adds)]
+
+    def searcher():
+        q = np.random.default_rng(2).normal(size=(8, 32))
+        try:
+            while not stop.is_set():
+                s, r = db.search(q, 5)
+                assert ((r >= 0) & (r < 4)).all() and np.isfinite(s).all()
+                assert db.prototype_scores(q).shape == (8, 4)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    def adder(part):
+        try:
+            for i in part:
+                db.add(i % 4, batches[i])
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    searchers = [threading.Thread(target=searcher) for _ in range(3)]
+    adders = [threading.Thread(target=adder, args=(range(k, adds, 2),)) for k in range(2)]
+    for t in searchers + adders:
+        t.start()
+    for t in adders:
+        t.join()
+    db.save(tmp_path / "db")  # a save during searches
+    stop.set()
+    for t in searchers:
+        t.join()
+    assert not errors, errors
+    assert db.num_vectors == db.ntotal == 4 * 50 + adds * per_add
+    assert db.role_counts() == [50 + adds * per_add // 4] * 4
+    assert FeatureDB.load(tmp_path / "db").num_vectors == db.num_vectors
+
+
+SAVER = """
+import sys, numpy as np, faiss
+faiss.omp_set_num_threads(1)
+from animeai.online.feature_db import FeatureDB
+path = sys.argv[1]
+rng = np.random.default_rng(0)
+db = FeatureDB(16, "h")
+db.add_role("r0", rng.normal(size=(2000, 16)), metadata={"version": 0})
+i = 0
+while True:
+    i += 1
+    db.add(0, rng.normal(size=(50, 16)))
+    db.roles[0]["version"] = i
+    db.save(path)
+    print(i, flush=True)
+"""
+
+
+def test_kill_during_save_leaves_a_loadable_database(tmp_path):
+    path = tmp_path / "db"
+    script = tmp_path / "saver.py"
+    script.write_text(SAVER)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    rnd = random.Random(0)
+    for attempt in range(3):
+        proc = subprocess.Popen([sys.executable, str(script), str(path)], stdout=subprocess.PIPE, env=env, text=True)
+        first = proc.stdout.readline()  # one full save done, the next ones under way
+        assert first.strip(), "the saver did not start"
+        time.sleep(rnd.uniform(0.05, 0.6))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        done = [int(line) for line in [first, *proc.stdout.read().split()] if str(line).strip()]
+        db = FeatureDB.load(path, expect_dim=16, expect_model_hash="h")
+        version = db.roles[0]["version"]
+        assert version in (done[-1], done[-1] + 1), (attempt, version, done[-1])  # previous or new, never broken
+        assert db.num_vectors == 2000 + 50 * version
+        assert db.role_counts() == [2000 + 50 * version]
