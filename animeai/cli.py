@@ -319,6 +319,71 @@ def add_evaluate_generator_parser(sub) -> None:
     p.set_defaults(func=cmd_evaluate_generator)
 
 
+# ---------------------------------------------------------------------------------------- online learning
+
+
+def _online_summary(ol) -> dict:
+    return {"roles": ol.list_roles(), "database": str(ol.db_path), "index": ol.db.index_spec, "notes": ol.notes}
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    from animeai.online import OnlineLearningSystem
+
+    ol = OnlineLearningSystem(args.model, args.db, index_kind=args.index_kind)
+    report = ol.enroll(args.data, skip_bad=not args.strict)
+    for s in report["skipped"]:
+        print(f"skipped {s}", file=sys.stderr)
+    print(f"enrolled {report['vectors']} embeddings of {report['roles']} roles into {args.db} ({report['index']})",
+          file=sys.stderr)
+    _write_json({**_online_summary(ol), "skipped": report["skipped"]}, None)
+    return 0
+
+
+def cmd_add_role(args: argparse.Namespace) -> int:
+    from animeai.inference import expand_paths
+    from animeai.online import OnlineLearningSystem
+
+    paths = expand_paths(args.images)
+    ol = OnlineLearningSystem(args.model, args.db)
+    new_id = ol.add_new_role(args.name, paths, skip_bad=args.skip_bad)
+    for e in ol.last_skipped:
+        print(f"skipped {e}", file=sys.stderr)
+    out = {"id": new_id, "name": args.name, **_online_summary(ol)}
+    if args.save_model:
+        out["model"] = str(ol.save_model(args.save_model))
+        print(f"wrote {args.save_model}", file=sys.stderr)
+    else:
+        print(f"role {args.name!r} (id {new_id}) is in {args.db}; the model file is unchanged (use --save-model "
+              "OUT to write the extended classifier)", file=sys.stderr)
+    _write_json(out, None)
+    return 0
+
+
+def add_online_parsers(sub) -> None:
+    p = sub.add_parser("enroll", help="build or refresh a role feature database from a labelled folder",
+                       description="Embed every image of <data>/<character>/ (or <data>/train/<character>/) with the "
+                       "model and store the embeddings in the FAISS feature database --db (created if missing; "
+                       "replaced atomically). Folders must name classes of the model. Prints the roles as JSON.")
+    p.add_argument("--model", required=True, help="classifier model file")
+    p.add_argument("--db", required=True, help="feature database folder")
+    p.add_argument("--data", required=True, help="folder of character folders")
+    p.add_argument("--index-kind", default="auto", help="auto | flat | ivf | hnsw | ivfpq | opq | a FAISS "
+                   "index_factory string (default: auto, chosen by size)")
+    p.add_argument("--strict", action="store_true", help="fail on an unreadable image instead of skipping it")
+    p.set_defaults(func=cmd_enroll)
+    p = sub.add_parser("add-role", help="add a character to a model + feature database without retraining",
+                       description="Imprint a new classifier row from the images' embeddings and store them in the "
+                       "feature database --db (saved at once). --save-model writes the extended classifier as a "
+                       "normal model file (predict/evaluate/info load it).")
+    p.add_argument("--model", required=True, help="classifier model file")
+    p.add_argument("--db", required=True, help="feature database folder (built from the model's classes if empty)")
+    p.add_argument("--name", required=True, help="the new character's name (any unicode)")
+    p.add_argument("images", nargs="+", metavar="IMG", help="image files and/or folders")
+    p.add_argument("--save-model", metavar="OUT", help="write the extended classifier here")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (default: refuse, naming them)")
+    p.set_defaults(func=cmd_add_role)
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -333,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_inference_parsers(sub)
     add_utility_parsers(sub)
     add_generate_parser(sub)
+    add_online_parsers(sub)
     add_evaluate_generator_parser(sub)
     return parser
 
