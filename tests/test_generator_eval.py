@@ -101,6 +101,7 @@ def generators(world) -> dict[str, Path]:
 # ---------------------------------------------------------------------------------------------- KID math
 
 
+@pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save")
 def test_kid_matches_torchmetrics_on_random_features():
     torchmetrics_kid = pytest.importorskip("torchmetrics.image.kid")
     g = torch.Generator().manual_seed(0)
