@@ -194,14 +194,20 @@ def test_a_lost_worker_is_retried_and_resumes_the_character(local_ray, chars, de
 
 def test_sweep_smoke_runs_two_trials_and_writes_the_best_weights_by_the_judge(local_ray, tmp_path, capsys):
     out = tmp_path / "best.json"
-    argv = ["--smoke-test", "--epochs", "2", "--out", str(out), "--storage-path", str(tmp_path / "tune"),
-            "--cpus-per-trial", "1", "--judge-samples", "16"]
+    argv = ["--smoke-test", "--epochs", "4", "--out", str(out), "--storage-path", str(tmp_path / "tune"),
+            "--cpus-per-trial", "1", "--judge-samples", "16", "--grace-period", "4"]
     assert sweep_generator_main(argv) == 0
     printed = capsys.readouterr().out
     summary = json.loads(out.read_text())
     assert summary["metric"] == "judge_recognition" and summary["mode"] == "max"
     assert len(summary["trials"]) == 2 and all(t["error"] is None for t in summary["trials"])
-    assert all(t["epochs"] == 2 and 0.0 <= t["judge_recognition"] <= 1.0 for t in summary["trials"])
+    assert all(t["epochs"] == 4 and 0.0 <= t["judge_recognition"] <= 1.0 for t in summary["trials"])
+    # each trial reported at its evaluation epochs only (the smoke test evaluates every 2nd), with the judge's score
+    results = sorted((tmp_path / "tune" / "sweep_generator").glob("*/result.json"))
+    assert len(results) == 2
+    for path in results:
+        reports = [json.loads(line) for line in path.read_text().splitlines()]
+        assert [r["epoch"] for r in reports] == [2, 4] and all("judge_recognition" in r for r in reports)
     assert summary["best"]["judge_recognition"] == max(t["judge_recognition"] for t in summary["trials"])
     assert set(summary["best_weights"]) == {"loss.adv", "loss.cls", "loss.perc"}
     for key, value in summary["best"]["params"].items():
@@ -233,6 +239,8 @@ def test_bad_input_is_a_clear_error_before_ray_starts(no_ray_work, chars, detect
     base = ["--data", str(chars), "--detection-model", str(detector_file), "--out-dir", str(tmp_path / "m"),
             "--runs-dir", str(tmp_path / "r")]
 
+    GUIDING = "is the detector the generator trained here was guided by"  # noqa: N806
+
     def refused(argv, main=train_generators_main) -> str:
         assert main(argv) == 2
         return capsys.readouterr().err
@@ -243,7 +251,7 @@ def test_bad_input_is_a_clear_error_before_ray_starts(no_ray_work, chars, detect
     assert "--classes is empty" in refused(["--smoke-test", "--classes", ","])  # before the smoke data is made
     assert "use --out-dir" in refused([*base, "--out", str(tmp_path / "g.pth")])
     assert "use --classes" in refused([*base, "--target-class", "akari"])
-    assert "is the guiding detector" in refused([*base, "--judge", str(detector_file)])
+    assert GUIDING in refused([*base, "--judge", str(detector_file)])
     assert "no such file" in refused([*base[:2], "--detection-model", str(tmp_path / "none.pth"), *base[4:]])
     # inside a submitted job, relative outputs (the default --samples-dir included) are refused
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"metadata": {"job_submission_id": "raysubmit_t"}}))
@@ -254,7 +262,7 @@ def test_bad_input_is_a_clear_error_before_ray_starts(no_ray_work, chars, detect
     # the sweep: a judge is required, must not be the detector, and the metric must be the judge's
     sweep = ["--data", str(chars), "--detection-model", str(detector_file), "--target-class", "akari"]
     assert "--judge is required" in refused(sweep, sweep_generator_main)
-    assert "is the guiding detector" in refused([*sweep, "--judge", str(detector_file)], sweep_generator_main)
+    assert GUIDING in refused([*sweep, "--judge", str(detector_file)], sweep_generator_main)
     bad = tmp_path / "bad_sweep.yaml"
     bad.write_text("task: generator\nmetric: recognition\nmode: max\nspace:\n  loss.adv: {choice: [0.1]}\n")
     err = refused([*sweep, "--judge", str(judge_file), "--sweep", str(bad)], sweep_generator_main)

@@ -21,7 +21,6 @@ perceptual network's scores are what the generator was trained to please, so the
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -111,26 +110,18 @@ def detector_classes(path: str | Path) -> list[str]:
     return list(meta["class_names"])
 
 
-def _sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def check_judge(judge: str | Path, detector: str | Path, characters: Sequence[str]) -> None:
-    """The judge must be a classifier that knows every character and must not be the guiding detector itself
-    (the generator was trained to please that one: it cannot grade its own student)."""
+    """The judge must be a classifier that knows every character and must not be the guiding detector (same file
+    content or same weights: :func:`animeai.gen_eval.check_judge`, as ``evaluate-generator`` checks it); the
+    generator is trained to please that one, so it cannot grade its own student."""
+    from animeai.gen_eval import check_judge as check_independent
+
+    check_independent(judge, {"detection_model": str(detector)}, "trained here")
     names = detector_classes(judge)
-    if Path(judge).resolve() == Path(detector).resolve() or _sha256(judge) == _sha256(detector):
-        raise ConfigError(f"--judge {judge} is the guiding detector ({detector}); the judge must be a classifier "
-                          "trained separately (another seed, split or architecture), which the generator never "
-                          "trained against")
     missing = [c for c in characters if c not in names]
     if missing:
-        raise ConfigError(f"--judge {judge} does not know {', '.join(repr(m) for m in missing)}; its classes: "
-                          f"{', '.join(names[:30])}{' ...' if len(names) > 30 else ''}")
+        raise ConfigError(f"--judge {judge} does not know {', '.join(repr(m) for m in missing)} (classes are matched "
+                          f"by name); its classes: {', '.join(names[:30])}{' ...' if len(names) > 30 else ''}")
 
 
 # ------------------------------------------------------------------------------------------ the judge
@@ -543,7 +534,7 @@ def build_generator_sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--smoke-test", "--smoke_test", action="store_true",
                    help="tiny generated characters, a tiny detector and a tiny judge (another seed) trained on the "
-                   "fly, 2 trials of 10 short epochs at 32 px")
+                   "fly, 2 trials of 10 short epochs at 32 px, judged every 2nd epoch")
     return p
 
 
@@ -581,7 +572,7 @@ def sweep_generator_main(argv: list[str] | None = None) -> int:
         extra: dict[str, Any] = {}
         if args.smoke_test:
             smoke = make_smoke_setup(judge=True)
-            extra.update(SMOKE_OVERRIDES)
+            extra.update({**SMOKE_OVERRIDES, "run.eval_every": 2})  # the judge scores every 2nd epoch
             paths.update({"--data": str(smoke["data"]), "--detection-model": str(smoke["detector"]),
                           "--judge": str(smoke["judge"])})
         if paths.get("--detection-model"):
