@@ -533,6 +533,36 @@ class OnlineLearningSystem:
             p_db[:, has] = mass * z / z.sum(axis=1, keepdims=True)
         return w * p_clf + (1 - w) * p_db, p_clf, p_db
 
+    @torch.no_grad()
+    def identify_features(self, feats: np.ndarray, k: int = 5) -> list[list[dict[str, Any]]]:
+        """:meth:`identify` for raw features ``(n, dim)`` (as :meth:`embed` returns them), for clients that embed
+        themselves. A wrong shape or a non-finite value is an :class:`OnlineError`."""
+        if not isinstance(k, int) or k < 1:
+            raise OnlineError(f"k must be a positive integer, got {k!r}")
+        feats = np.asarray(feats, dtype=np.float32)
+        if feats.ndim != 2 or feats.shape[1] != self.dim or len(feats) == 0:
+            raise OnlineError(f"embeddings must have shape (n >= 1, {self.dim}), got {tuple(feats.shape)}")
+        with np.errstate(over="ignore", invalid="ignore"):
+            norms = np.linalg.norm(feats, axis=1)
+        if not np.isfinite(feats).all() or not np.isfinite(norms).all():
+            raise OnlineError("embeddings must be finite (no NaN or infinity, norm representable as float32)")
+        if (norms == 0).any():
+            raise OnlineError("an embedding is all zeros (it has no direction)")
+        with self._rw.read():
+            combined, p_clf, p_db = self.scores(feats)
+            names = list(self.clf.class_names)
+        if not (np.isfinite(combined).all() and np.isfinite(p_clf).all() and np.isfinite(p_db).all()):
+            raise OnlineError("embeddings too large: the classifier's scores overflow (give the raw features embed "
+                              "returns)")
+        kk = min(k, len(names))
+        out = []
+        for row in range(len(feats)):
+            top = np.argsort(-combined[row], kind="stable")[:kk]
+            out.append([{"id": int(i), "role": names[i], "score": round(float(combined[row][i]), 6),
+                         "classifier": round(float(p_clf[row][i]), 6), "database": round(float(p_db[row][i]), 6)}
+                        for i in top])
+        return out
+
     def embed(self, images: Sequence[str | Path | Image.Image]) -> np.ndarray:
         """Raw penultimate features of images (an unreadable one is an error naming it)."""
         decoded, _ = self._decode(images, False, "embed")
