@@ -342,6 +342,82 @@ class GeneratorConfig:
     run: GeneratorRunConfig = section(GeneratorRunConfig)
 
 
+# ---------------------------------------------------------------------------- distillation (issue 15)
+
+
+@dataclass(frozen=True)
+class DistillDataConfig(DataConfig):
+    image_size: int = opt(0, "Side of the square network input, in pixels; 0 = the teacher's image size (another "
+                          "value: the student trains at it and the teacher's input is resized to its own size).",
+                          ge=0, le=4096)
+
+
+@dataclass(frozen=True)
+class StudentModelConfig(ModelConfig):
+    arch: str = opt("mobilenetv2_100", "Student backbone from the model registry (see `animeai models`).",
+                    flag="student")
+    pretrained: str = opt(
+        "auto",
+        "Where the student's ImageNet weights come from: auto | hub | package | none | PATH. auto = the offline "
+        "package if the backbone has one installed, else the hub: mobilenetv2_100 has no offline package, so "
+        "offline it fails with a message naming the alternatives (e.g. --student efficientnet_lite0 "
+        "--student-pretrained package, or --student-pretrained none for random init on purpose).",
+        flag="student-pretrained",
+    )
+
+    def check(self) -> None:
+        from animeai.models import list_models
+
+        if self.arch not in list_models():
+            raise FieldError("arch", "student", f"must be one of {', '.join(list_models())}, got {self.arch!r}")
+        if not str(self.pretrained).strip():
+            raise FieldError("pretrained", "student-pretrained",
+                             "must be auto, hub, package, none or a weights file path")
+
+
+@dataclass(frozen=True)
+class KDConfig(Section):
+    teacher: str = opt("models/character_classifier.pth", "The teacher: a trained classifier model file (animeai "
+                       "train detector). Frozen, in eval mode; the data's classes must equal its classes.",
+                       flag="teacher")
+    temperature: float = opt(4.0, "Softmax temperature T of the soft labels (Hinton et al. 2015; the KL term is "
+                             "scaled by T^2).", flag="temperature", gt=0, le=100)
+    alpha: float = opt(0.9, "Weight of the distillation term; the hard-label cross-entropy gets 1 - alpha.",
+                       flag="alpha", ge=0, le=1)
+    loss: str = opt("kd", "Distillation term: kd (KL of the softened distributions, Hinton) | dkd (Decoupled KD, "
+                    "Zhao et al. 2022: target-class KD + beta x non-target-class KD).", flag="kd-loss",
+                    choices=("kd", "dkd"))
+    dkd_alpha: float = opt(1.0, "DKD: weight of the target-class term (TCKD).", flag="dkd-alpha", ge=0, le=100)
+    dkd_beta: float = opt(8.0, "DKD: weight of the non-target-class term (NCKD).", flag="dkd-beta", ge=0, le=100)
+
+    def check(self) -> None:
+        if not str(self.teacher).strip():
+            raise FieldError("teacher", "teacher", "must name the teacher's classifier model file")
+
+
+@dataclass(frozen=True)
+class DistillOptimConfig(OptimConfig):
+    label_smoothing: float = opt(0.0, "Label smoothing of the hard-label cross-entropy (off by default: the soft "
+                                 "labels already carry the teacher's uncertainty).", ge=0, lt=1)
+
+
+@dataclass(frozen=True)
+class DistillRunConfig(RunConfig):
+    out: str = opt("models/student.pth", "Where the best student model file is written.")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation: a small student classifier learns from a frozen teacher classifier (soft labels)."""
+
+    data: DistillDataConfig = section(DistillDataConfig)
+    augment: AugmentConfig = section(AugmentConfig)
+    model: StudentModelConfig = section(StudentModelConfig)
+    distill: KDConfig = section(KDConfig)
+    optim: DistillOptimConfig = section(DistillOptimConfig)
+    run: DistillRunConfig = section(DistillRunConfig)
+
+
 # --------------------------------------------------------------------------------------------- plumbing
 
 

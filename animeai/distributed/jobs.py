@@ -183,9 +183,15 @@ def train_job_main(task: str, argv: list[str] | None = None) -> int:
     if args.smoke_test:
         cfg = with_overrides(cfg, SMOKE_OVERRIDES)
         synthetic = SMOKE_DATA
+        if hasattr(cfg, "distill"):  # distillation needs a teacher: a tiny one, trained here on the same characters
+            from animeai.tasks.distill import make_smoke_teacher
+
+            cfg = with_overrides(cfg, {"distill.teacher": str(make_smoke_teacher(SMOKE_DATA))})
     inputs = {}
     if synthetic is None and hasattr(cfg, "data"):
         inputs = {"--data": cfg.data.root, "--val-data": getattr(cfg.data, "val_root", None)}
+    if hasattr(cfg, "distill"):
+        inputs["--teacher"] = cfg.distill.teacher
     try:
         paths = job_paths({"--out": cfg.run.out, "--storage-path": args.storage_path or DEFAULT_STORAGE}, inputs,
                           uri_ok=("--storage-path",), examples={"--out": f"/shared/models/{Path(cfg.run.out).name}",
@@ -206,6 +212,8 @@ def train_job_main(task: str, argv: list[str] | None = None) -> int:
         over["data.root"] = paths["--data"]
     if "--val-data" in paths:
         over["data.val_root"] = paths["--val-data"]
+    if "--teacher" in paths:
+        over["distill.teacher"] = paths["--teacher"]
     cfg = with_overrides(cfg, over)
     opts = DistributedOptions(
         num_workers=args.num_workers, use_gpu=args.use_gpu, cpus_per_worker=args.cpus_per_worker,

@@ -50,17 +50,42 @@ class DetectorTask(Task):
         self.pretrained_source = "none"
 
     def setup(self, accelerator) -> None:
-        cfg = self.cfg
-        d, a = cfg.data, cfg.augment
         # The model (and its pretrained weights) first: a weights source that cannot deliver, or a bad
         # --freeze-stages, fails before any image is decoded. The head gets its class count after the data scan.
-        spec = get_model_spec(cfg.model.arch)
-        model = create_model(cfg.model.arch, 2, pretrained=cfg.model.pretrained, drop_rate=cfg.model.drop_rate)
+        model, spec = self.build_backbone()
+        self.build_data(accelerator, self.cfg.data.image_size, spec.mean, spec.std)
+        model = self.finish_model(model)
+        self.mean, self.std = spec.mean, spec.std
+        self.models = {"model": model}
+        self.optimizers = {"model": make_optimizer(model, self.cfg.optim.lr, self.cfg.optim.weight_decay)}
+
+    # --- pieces shared with tasks that train a classifier on the same data (distillation) ---------------
+    def build_backbone(self):
+        """``(model, spec)``: ``cfg.model``'s backbone with its pretrained weights and frozen stages, a 2-class
+        head for now (:meth:`finish_model` sizes it once the classes are known)."""
+        m = self.cfg.model
+        spec = get_model_spec(m.arch)
+        model = create_model(m.arch, 2, pretrained=m.pretrained, drop_rate=m.drop_rate)
         self.pretrained_source = model.animeai_pretrained_source
         try:
-            freeze_stages(model, cfg.model.freeze_stages)
+            freeze_stages(model, m.freeze_stages)
         except ValueError as exc:
             raise ConfigError(f"config key 'model.freeze_stages' (--freeze-stages): {exc}") from None
+        return model, spec
+
+    def finish_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """A new ``len(class_names)`` head, initialised; channels-last if asked."""
+        model.reset_classifier(len(self.class_names))
+        init_head(model)
+        if self.cfg.model.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def build_data(self, accelerator, size: int, mean, std) -> None:
+        """Scan and split ``cfg.data`` (``self.splits``, ``self.class_names``), then the datasets (augmented train
+        with ``cfg.augment``, plain val) at ``size`` px normalised with ``mean``/``std``, and the loaders."""
+        cfg = self.cfg
+        d, a = cfg.data, cfg.augment
         splits = build_splits(d.root, val_root=d.val_root, val_fraction=d.val_fraction, split_seed=d.split_seed,
                               strict=d.strict, max_pixels=d.max_image_pixels)
         self.splits = splits
@@ -72,19 +97,13 @@ class DetectorTask(Task):
             raise ValueError(f"{d.root}: no validation images; give a val/ folder or --val-data, or (with "
                              "--val-fraction > 0) at least 2 images per class for the split")
         self.class_names = splits.class_names
-        model.reset_classifier(len(self.class_names))
-        init_head(model)
-        if cfg.model.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.mean, self.std = spec.mean, spec.std
-        size = d.image_size
         train_ds = ImageFolderDataset(
             splits.train,
-            train_transform(size, spec.mean, spec.std, rotation=a.rotation, hflip=a.hflip,
+            train_transform(size, mean, std, rotation=a.rotation, hflip=a.hflip,
                             color_jitter=a.color_jitter, crop_scale=a.crop_scale),
             max_pixels=d.max_image_pixels, draft_size=size,
         )
-        val_ds = ImageFolderDataset(splits.val, eval_transform(size, spec.mean, spec.std),
+        val_ds = ImageFolderDataset(splits.val, eval_transform(size, mean, std),
                                     max_pixels=d.max_image_pixels, draft_size=size)
         bs = cfg.optim.batch_size
         self.train_sampler = EpochShuffleSampler(len(train_ds), seed=cfg.run.seed)
@@ -93,8 +112,6 @@ class DetectorTask(Task):
         self.train_loader = DataLoader(train_ds, batch_size=bs, sampler=self.train_sampler,
                                        drop_last=len(train_ds) > bs, **common)
         self.val_loader = DataLoader(val_ds, batch_size=bs, shuffle=False, **common)
-        self.models = {"model": model}
-        self.optimizers = {"model": make_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay)}
 
     def run_files(self) -> dict[str, str]:
         s = self.splits
@@ -103,6 +120,11 @@ class DetectorTask(Task):
             "train": [[str(p), y] for p, y in s.train], "val": [[str(p), y] for p, y in s.val],
             "skipped": [str(e) for e in s.skipped],
         }, ensure_ascii=False, indent=0)}
+
+    @property
+    def image_size(self) -> int:
+        """The input side the model trains at (and its file records)."""
+        return self.cfg.data.image_size
 
     def train_mode(self, mode: bool = True) -> None:
         super().train_mode(mode)
@@ -143,7 +165,7 @@ class DetectorTask(Task):
             "arch": self.cfg.model.arch,
             "num_classes": len(self.class_names),
             "class_names": self.class_names,
-            "image_size": self.cfg.data.image_size,
+            "image_size": self.image_size,
             "mean": list(self.mean),
             "std": list(self.std),
             "pretrained_source": self.pretrained_source,
