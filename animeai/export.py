@@ -66,6 +66,8 @@ def export_classifier(model_path: str | Path, out: str | Path | None = None, *, 
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; available: {', '.join(FORMATS)}")
     clf = Classifier.from_file(model_path, device="cpu")  # refuses files that are not classifier model files
+    if clf.model is None:
+        raise ExportError(f"{model_path}: already an ONNX export; export the .pth model file instead")
     onnx = _require("onnx")
     ort = _require("onnxruntime")
     out = Path(out) if out is not None else default_output(model_path, fmt)
@@ -114,3 +116,71 @@ def compare_onnx(model: torch.nn.Module, onnx_path: str | Path, x: torch.Tensor,
     same = ref.argmax(1) == got.argmax(1)
     return {"top1_agreement": same.float().mean().item(), "disagreements": int((~same).sum()),
             "max_abs_diff": (ref - got).abs().max().item()}
+
+
+# ------------------------------------------------------------------------------------------ running an export
+
+
+class OnnxClassifier:
+    """An exported classifier run by onnxruntime (CPU) with the same interface as
+    :class:`animeai.inference.Classifier` for ``predict`` and ``evaluate`` (``predict_paths``, ``evaluate_folder``,
+    ``logits``). Preprocessing comes from the ``animeai`` metadata written by :func:`export_classifier`."""
+
+    def __init__(self, session, meta: dict[str, Any], path: str | Path):
+        from animeai.data.transforms import eval_transform
+
+        self.session, self.meta, self.path = session, meta, Path(path)
+        self.model = None
+        self.device = torch.device("cpu")
+        self.class_names: list[str] = list(meta["class_names"])
+        self.image_size = int(meta["image_size"])
+        self.transform = eval_transform(self.image_size, meta["mean"], meta["std"])
+
+    @classmethod
+    def from_file(cls, path: str | Path, device: str | None = None) -> OnnxClassifier:
+        from animeai.checkpoint import CheckpointError, MetadataError, validate_metadata
+
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: ONNX file not found")
+        if device not in (None, "auto", "cpu"):
+            raise ExportError(f"--device {device}: ONNX files run on the CPU here (onnxruntime); use --device cpu")
+        onnx = _require("onnx")
+        ort = _require("onnxruntime")
+        try:
+            props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        except Exception as exc:  # noqa: BLE001 - any parse failure: not a usable ONNX file
+            raise CheckpointError(f"{path}: not a readable ONNX file ({str(exc).splitlines()[0][:200]})") from None
+        if "animeai" not in props:
+            raise CheckpointError(f"{path}: an ONNX file without animeai metadata (class names, image size, "
+                                  "normalisation); export it with `animeai export`")
+        try:
+            meta = json.loads(props["animeai"])
+            validate_metadata({**meta, "kind": "classifier"}, path)
+        except (ValueError, MetadataError) as exc:
+            raise CheckpointError(f"{path}: damaged animeai metadata in the ONNX file ({exc})") from None
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return cls(session, meta, path)
+
+    @torch.no_grad()
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(["logits"], {"images": batch.float().contiguous().numpy()})[0]
+        return torch.from_numpy(out).float()
+
+    def embed(self, batch: torch.Tensor) -> torch.Tensor:
+        raise ExportError(f"{self.path}: an ONNX export gives logits only, no embeddings; use the .pth model file")
+
+    def predict_paths(self, paths, top_k: int = 5, batch_size: int = 32):
+        from animeai.inference import Classifier
+
+        return Classifier.predict_paths(self, paths, top_k=top_k, batch_size=batch_size)  # type: ignore[arg-type]
+
+    def evaluate_folder(self, root, batch_size: int = 32, num_workers: int = 0):
+        from animeai.inference import Classifier
+
+        return Classifier.evaluate_folder(self, root, batch_size=batch_size, num_workers=num_workers)  # type: ignore
+
+    def _loader(self, dataset, batch_size: int, num_workers: int):
+        from torch.utils.data import DataLoader
+
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)

@@ -51,6 +51,10 @@ class Classifier:
 
     @classmethod
     def from_file(cls, path: str | Path, device: str | None = None) -> Classifier:
+        if Path(path).suffix.lower() == ".onnx":  # an `animeai export` file: run by onnxruntime, same interface
+            from animeai.export import OnnxClassifier
+
+            return OnnxClassifier.from_file(path, device)  # type: ignore[return-value]
         # The reader checks the metadata against the classifier schema and the tensors for NaN/Infinity;
         # what is left to check here is that the weights fit the architecture.
         dev = pick_device(device)  # a device this machine lacks fails before the file is read

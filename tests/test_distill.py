@@ -171,6 +171,14 @@ def test_onnx_export_agrees_with_pytorch(setup, capsys):
     x = torch.stack([clf.transform(__import__("PIL.Image").Image.open(p).convert("RGB")) for p in images[::-1]])
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})[0]
     assert torch.equal(torch.from_numpy(got).argmax(1), clf.logits(x).argmax(1))
+    # `animeai predict` / `evaluate` run the .onnx file through onnxruntime, with the same answers as the .pth file
+    assert main(["predict", "--model", str(out), *images, "--top-k", "1"]) == 0
+    onnx_preds = json.loads(capsys.readouterr().out)
+    assert main(["predict", "--model", str(setup["student"]), *images, "--top-k", "1", "--device", "cpu"]) == 0
+    torch_preds = json.loads(capsys.readouterr().out)
+    assert [p["top_k"][0]["class"] for p in onnx_preds] == [p["top_k"][0]["class"] for p in torch_preds]
+    assert main(["evaluate", "--model", str(out), "--data", str(setup["data"])]) == 0
+    assert json.loads(capsys.readouterr().out)["num_images"] == 12
     # an existing output is not replaced without --overwrite
     assert main(["export", "--model", str(setup["student"]), "--out", str(out)]) == 2
     assert "exists" in capsys.readouterr().err

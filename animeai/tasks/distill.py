@@ -127,6 +127,8 @@ def load_teacher(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         clf = Classifier.from_file(p, device="cpu")
     except CheckpointError as exc:
         raise CheckpointError(f"--teacher: {exc} (the teacher must be a classifier model file)") from None
+    if clf.model is None:
+        raise CheckpointError(f"--teacher {p}: an ONNX export cannot be a teacher; pass its .pth model file")
     net = clf.model.eval().requires_grad_(False)
     return net, clf.meta
 
