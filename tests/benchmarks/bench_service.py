@@ -1,0 +1,185 @@
+"""Load on the similarity service over loopback (issue 14): p50/p99 latency and throughput of /identify/embedding
+and /identify (one 64 px or --image-size PNG per request) at 1, 10 and 50 concurrent clients, one uvicorn process.
+
+    python tests/benchmarks/bench_service.py [--model M --db D] [--requests 200] [--clients 1 10 50]
+
+Without --model it builds a tiny Lite0 (offline weights, 64 px, 3 classes + 2 enrolled roles) in a temp folder.
+Bounded: each level sends --requests requests in all (split over the clients), to 127.0.0.1 only. Also prints where
+an upload's time goes inside the server (decode, embed, search) measured in-process on the same image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def tiny_model(folder: Path) -> Path:
+    import torch
+
+    from animeai.checkpoint import save_model_file
+    from animeai.models import create_model, get_model_spec
+
+    spec = get_model_spec("efficientnet_lite0")
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0", num_classes=3, pretrained="package")
+    meta = {"kind": "classifier", "arch": "efficientnet_lite0", "num_classes": 3, "class_names": ["a", "b", "c"],
+            "image_size": 64, "mean": list(spec.mean), "std": list(spec.std), "config": {}, "metrics": {}}
+    path = folder / "model.pth"
+    save_model_file(path, model.state_dict(), meta)
+    return path
+
+
+def png(seed: int, size: int) -> bytes:
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    img = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 255, 3)))
+    d = ImageDraw.Draw(img)
+    for _ in range(6):
+        x, y = (int(v) for v in rng.integers(0, size - size // 4, 2))
+        d.ellipse([x, y, x + size // 4, y + size // 4], fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def load(url: str, clients: int, total: int, make_request) -> dict:
+    import httpx
+
+    per = max(1, total // clients)
+    lat: list[float] = []
+    errors = []
+    lock = threading.Lock()
+
+    def worker():
+        with httpx.Client(base_url=url, timeout=120) as h:
+            mine = []
+            for _ in range(per):
+                t = time.perf_counter()
+                r = make_request(h)
+                mine.append(time.perf_counter() - t)
+                if r.status_code != 200:
+                    errors.append(r.status_code)
+            with lock:
+                lat.extend(mine)
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    lat.sort()
+    return {"clients": clients, "requests": len(lat), "errors": len(errors),
+            "p50_ms": round(1000 * lat[len(lat) // 2], 2), "p99_ms": round(1000 * lat[min(len(lat) - 1,
+                                                                                       int(0.99 * len(lat)))], 2),
+            "throughput_rps": round(len(lat) / wall, 1)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model")
+    ap.add_argument("--db")
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 10, 50])
+    ap.add_argument("--image-size", type=int, default=64)
+    ap.add_argument("--out", help="write the report as JSON here")
+    ap.add_argument("--child", type=int, help=argparse.SUPPRESS)  # internal: run the server on this port
+    args = ap.parse_args()
+    import socket
+    import subprocess
+
+    from animeai.online import OnlineLearningSystem
+
+    if args.child:
+        import uvicorn
+
+        from animeai.online.service import create_app
+
+        ol = OnlineLearningSystem(args.model, args.db, device="cpu")
+        uvicorn.run(create_app(ol, token="bench-token-xyz"), host="127.0.0.1", port=args.child,
+                    log_level="warning", access_log=False)
+        return 0
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-service-"))
+    model = Path(args.model) if args.model else tiny_model(tmp)
+    ol = OnlineLearningSystem(model, args.db or tmp / "db", device="cpu")
+    if not args.model:
+        from PIL import Image
+
+        for i, name in enumerate(["new1", "new2"]):
+            ol.add_new_role(name, [Image.open(io.BytesIO(png(10 * i + j, 64))) for j in range(4)])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # the server in its own process (as `animeai serve` runs it), so the load generator does not share its GIL
+    child = subprocess.Popen([sys.executable, __file__, "--child", str(port), "--model", str(model),
+                              "--db", str(args.db or tmp / "db")])
+    import httpx
+
+    deadline = time.time() + 120
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            if time.time() > deadline or child.poll() is not None:
+                raise SystemExit("the server did not start") from None
+            time.sleep(0.2)
+    url = f"http://127.0.0.1:{port}"
+    image = png(123, args.image_size)
+    from PIL import Image
+
+    emb = ol.embed([Image.open(io.BytesIO(image))])[0].tolist()
+    report = {"model": str(model), "dim": ol.dim, "roles": ol.db.num_roles, "vectors": ol.db.num_vectors,
+              "image_bytes": len(image), "image_size": args.image_size, "results": []}
+    for clients in args.clients:
+        for name, req in [("identify_embedding", lambda h: h.post("/identify/embedding", json={"embedding": emb})),
+                          ("identify_upload", lambda h: h.post("/identify", files=[("images", ("x.png", image,
+                                                                                              "image/png"))]))]:
+            load(url, min(clients, 4), min(20, args.requests), req)  # warm-up
+            row = {"endpoint": name, **load(url, clients, args.requests, req)}
+            report["results"].append(row)
+            print(json.dumps(row), flush=True)
+    # where an upload's time goes, in-process (median of 30): decode, embed (transform + model), search (+ scoring)
+    from animeai.data.images import load_image
+
+    f = tmp / "x.png"
+    f.write_bytes(image)
+    parts = {"decode": [], "embed": [], "search": []}
+    for _ in range(30):
+        t0 = time.perf_counter()
+        im = load_image(f, draft_size=ol.clf.image_size)
+        t1 = time.perf_counter()
+        feats = ol.embed([im])
+        t2 = time.perf_counter()
+        ol.identify_features(feats, 5)
+        t3 = time.perf_counter()
+        parts["decode"].append(t1 - t0)
+        parts["embed"].append(t2 - t1)
+        parts["search"].append(t3 - t2)
+    report["upload_breakdown_ms"] = {k: round(1000 * statistics.median(v), 2) for k, v in parts.items()}
+    single = next(r for r in report["results"] if r["endpoint"] == "identify_upload" and r["clients"] == 1)
+    report["upload_breakdown_ms"]["http_and_rest"] = round(single["p50_ms"] - sum(report["upload_breakdown_ms"]
+                                                                                    .values()), 2)
+    print(json.dumps({"upload_breakdown_ms": report["upload_breakdown_ms"]}), flush=True)
+    child.terminate()
+    child.wait(30)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
