@@ -216,6 +216,16 @@ def test_teacher_that_is_not_a_classifier_is_refused(setup, tmp_path, capsys):
     assert code == 2 and "not an animeai model file" in capsys.readouterr().err
 
 
+def test_student_weights_that_cannot_be_had_offline_name_the_student_flags(setup, tmp_path, monkeypatch):
+    from animeai.weights import WeightsError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = _cfg(setup, tmp_path, **{"model.arch": "mobilenetv2_100", "model.pretrained": "auto"})  # the defaults
+    with pytest.raises(WeightsError, match=r"student mobilenetv2_100: could not get hub weights.*--student-pretrained "
+                       r"none.*--student efficientnet_lite0 --student-pretrained package"):
+        train(cfg, DistillTask(cfg))
+
+
 def test_class_mismatch_names_the_classes(setup, tmp_path):
     from animeai.data.synthetic import make_synthetic_dataset
 

@@ -37,6 +37,7 @@ from animeai.checkpoint import CheckpointError
 from animeai.config import DistillConfig
 from animeai.metrics import topk_correct
 from animeai.tasks.detector import DetectorTask, make_optimizer
+from animeai.weights import WeightsError
 
 
 class ClassMismatchError(ValueError):
@@ -185,6 +186,7 @@ class DistillTask(DetectorTask):
         self.teacher_sha256 = file_sha256(cfg.distill.teacher)
         model, spec = self.build_backbone()
         self._size = cfg.data.image_size or int(tmeta["image_size"])
+        self.precheck_classes(list(tmeta["class_names"]))  # from the folder names, before any image is decoded
         self.build_data(accelerator, self._size, spec.mean, spec.std)
         check_classes(self.class_names, list(tmeta["class_names"]), cfg.data.root, cfg.distill.teacher)
         model = self.finish_model(model)
@@ -196,6 +198,27 @@ class DistillTask(DetectorTask):
                               f"{cfg.model.arch} at {self._size} px, weights {self.pretrained_source}")
         self.models = {"model": model}
         self.optimizers = {"model": make_optimizer(model, cfg.optim.lr, cfg.optim.weight_decay)}
+
+    def precheck_classes(self, teacher_classes: list[str]) -> None:
+        from animeai.data.folder import DatasetError, find_classes, has_train_val
+
+        d = self.cfg.data
+        root = Path(d.root)
+        if d.val_root is None and has_train_val(root):
+            root = root / "train"
+        try:
+            names = find_classes(root)
+        except (DatasetError, OSError):
+            return  # build_data reports what is wrong with the folder
+        check_classes(names, teacher_classes, d.root, self.cfg.distill.teacher)
+
+    def build_backbone(self):
+        try:
+            return super().build_backbone()
+        except WeightsError as exc:  # the detector's message names --pretrained; here the flag is --student-pretrained
+            text = str(exc).replace("--pretrained", "--student-pretrained")
+            raise WeightsError(f"student {text} Offline, a student with offline ImageNet weights: --student "
+                               "efficientnet_lite0 --student-pretrained package.") from None
 
     def train_mode(self, mode: bool = True) -> None:
         super().train_mode(mode)
