@@ -158,11 +158,15 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
                    "worker's per-epoch report (default: WARNING; all levels stay in the session's logs/train/)")
 
 
+JOB_SCRIPTS = {"distill": "train_model_distillation.py"}  # task -> its script in jobs/ (default train_<task>.py)
+
+
 def build_train_parser(task: str) -> argparse.ArgumentParser:
     cfg_cls, _ = get_task(task)
     parser = argparse.ArgumentParser(
         description=f"Train the {task} with Ray Train (TorchTrainer; the Accelerate loop runs in every worker). "
-        "Submit with: ray job submit --working-dir . -- python jobs/train_{task}.py --data DIR --num-workers 2 "
+        f"Submit with: ray job submit --working-dir . -- python jobs/{JOB_SCRIPTS.get(task, f'train_{task}.py')} "
+        "--data DIR --num-workers 2 "
         f"--out /shared/models/{task}.pth --storage-path /shared/ray",
         epilog=PATHS_HELP + " The final JSON names the model file's absolute path and the last Ray checkpoint.",
     )
