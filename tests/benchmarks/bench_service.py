@@ -1,7 +1,8 @@
 """Load on the similarity service over loopback (issue 14): p50/p99 latency and throughput of /identify/embedding
-and /identify (one 64 px or --image-size PNG per request) at 1, 10 and 50 concurrent clients, one uvicorn process.
+and /identify (one 64 px or --image-size PNG per request) at 1, 10 and 50 concurrent clients, on one uvicorn process
+or (--ray N) on a local Ray Serve with N reader replicas.
 
-    python tests/benchmarks/bench_service.py [--model M --db D] [--requests 200] [--clients 1 10 50]
+    python tests/benchmarks/bench_service.py [--model M --db D] [--requests 200] [--clients 1 10 50] [--ray 2]
 
 Without --model it builds a tiny Lite0 (offline weights, 64 px, 3 classes + 2 enrolled roles) in a temp folder.
 Bounded: each level sends --requests requests in all (split over the clients), to 127.0.0.1 only. Also prints where
@@ -95,6 +96,7 @@ def main() -> int:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 10, 50])
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--out", help="write the report as JSON here")
+    ap.add_argument("--ray", type=int, default=0, metavar="N", help="serve on a local Ray Serve with N replicas")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)  # internal: run the server on this port
     args = ap.parse_args()
     import socket
@@ -107,6 +109,11 @@ def main() -> int:
 
         from animeai.online.service import create_app
 
+        if args.ray:
+            from animeai.distributed.serve import run
+
+            run(args.model, args.db, port=args.child, replicas=args.ray, token="bench-token-xyz")
+            return 0
         ol = OnlineLearningSystem(args.model, args.db, device="cpu")
         uvicorn.run(create_app(ol, token="bench-token-xyz"), host="127.0.0.1", port=args.child,
                     log_level="warning", access_log=False)
@@ -144,10 +151,10 @@ def main() -> int:
         port = s.getsockname()[1]
     # the server in its own process (as `animeai serve` runs it), so the load generator does not share its GIL
     child = subprocess.Popen([sys.executable, __file__, "--child", str(port), "--model", str(model),
-                              "--db", str(args.db or tmp / "db")])
+                              "--db", str(args.db or tmp / "db"), "--ray", str(args.ray)])
     import httpx
 
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while True:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
@@ -160,7 +167,8 @@ def main() -> int:
     from PIL import Image
 
     emb = ol.embed([Image.open(io.BytesIO(image))])[0].tolist()
-    report = {"model": str(model), "dim": ol.dim, "roles": ol.db.num_roles, "vectors": ol.db.num_vectors,
+    report = {"server": f"ray serve, {args.ray} replicas" if args.ray else "one uvicorn process",
+              "model": str(model), "dim": ol.dim, "roles": ol.db.num_roles, "vectors": ol.db.num_vectors,
               "image_bytes": len(image), "image_size": args.image_size, "results": []}
     for clients in args.clients:
         for name, req in [("identify_embedding", lambda h: h.post("/identify/embedding", json={"embedding": emb})),
