@@ -250,3 +250,18 @@ def test_export_refuses_files_that_are_not_classifier_models(setup, tmp_path, ca
     assert main(["export", "--model", str(tmp_path / "missing.pth")]) == 2
     assert "model file not found" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.onnx"))
+
+
+def test_resume_continues_the_distillation_run(setup, capsys):
+    # last in this file: it extends the module's student run by one epoch (the run's saved config, the teacher
+    # re-read from its file, the student's optimizer and schedule from the saved state)
+    out, run_dir = setup["student"], setup["result"].run_dir
+    capsys.readouterr()
+    assert main(["train", "distill", "--out", str(out), "--run-dir", str(run_dir), "--resume", "--epochs", "4"]) == 0
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2, 3, 4]
+    assert "resumed from" in capsys.readouterr().out
+    # a flag that would change the run is refused, naming it
+    assert main(["train", "distill", "--out", str(out), "--run-dir", str(run_dir), "--resume", "--epochs", "5",
+                 "--temperature", "8"]) == 2
+    assert "temperature" in capsys.readouterr().err
