@@ -262,6 +262,25 @@ def test_embedding_validation(client, system):
     assert client.post("/identify", params={"k": "x"}, files=files(png(1))).status_code == 422
 
 
+def test_malformed_requests_are_4xx(client, system):
+    bad = [
+        {"content": b"--xyz\r\nnot a header\r\n", "headers": {"Content-Type": "multipart/form-data; boundary=xyz"}},
+        {"content": b"whatever", "headers": {"Content-Type": "multipart/form-data"}},  # no boundary
+        {"content": b"", "headers": {"Content-Type": "multipart/form-data; boundary=xyz"}},
+        {"files": files(*[png(1)] * 65)},  # over the 64-file limit
+        {"files": files(png(1), names=["../../../etc/passwd"])},  # the name is only ever shown, never a path
+    ]
+    for req in bad:
+        for url, headers in [("/identify", {}), ("/roles/akari/images", AUTH)]:
+            r = client.post(url, headers={**headers, **req.get("headers", {})},
+                            **{k: v for k, v in req.items() if k != "headers"})
+            assert 400 <= r.status_code < 500 or (r.status_code == 200 and req is bad[-1]), (url, r.text)
+    assert client.post("/identify", params={"k": 10_000}, files=files(png(1))).status_code == 422
+    assert client.get("/roles/akari/thumbnail", params={"i": -1}).status_code == 422
+    assert client.get("/roles/%00/thumbnail").status_code == 404
+    assert client.delete("/roles/" + "x" * 5000, headers=AUTH).status_code == 404
+
+
 def test_auth_policy_and_cli_refusals(tmp_path, monkeypatch, capsys):
     from animeai.cli import main
 
