@@ -253,6 +253,19 @@ def job_main(argv: list[str] | None = None) -> int:
                 cfg = resume_config(GeneratorConfig, overrides, GeneratorTask.resume_safe_keys)
             else:
                 cfg = load_config(GeneratorConfig, None, overrides)
+        # Under `ray job submit` relative outputs would land in Ray's temporary working dir and vanish with it:
+        # the same rule as every job (animeai.distributed.jobs.job_paths, which imports no Ray).
+        from animeai.distributed.jobs import job_paths
+
+        paths = job_paths({"--out": cfg.run.out, "--run-dir": str(cfg.run.resolved_run_dir()),
+                           "--samples-dir": cfg.sample.folder},
+                          {"--data": cfg.data.root, "--detection-model": cfg.guide.detection_model},
+                          examples={"--out": "/shared/models/generators/NAME.pth",
+                                    "--run-dir": "/shared/runs/generators/NAME",
+                                    "--samples-dir": "/shared/generated_images"})
+        cfg = with_overrides(cfg, {"run.out": paths["--out"], "run.run_dir": paths["--run-dir"],
+                                   "sample.folder": paths["--samples-dir"], "data.root": paths["--data"],
+                                   "guide.detection_model": paths["--detection-model"]})
         task = GeneratorTask(cfg)
         result = train(cfg, task)
     except (ConfigError, CheckpointError, ValueError, FileNotFoundError) as exc:  # incl. data, weights, run errors

@@ -475,6 +475,17 @@ def test_job_trains_with_the_original_flags_and_resumes(chars, detector_file, tm
     assert job_main(["--smoke-test", "--num-workers", "2"]) == 2
 
 
+def test_job_refuses_relative_outputs_inside_a_submitted_ray_job(detector_file, tmp_path, monkeypatch, capsys):
+    from animeai.generation import job_main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": {"working_dir": "gcs://_pkg.zip"}}))
+    assert job_main(["--target_class", "0", "--num_epochs", "1", "--detection_model", str(detector_file)]) == 2
+    err = capsys.readouterr().err
+    assert "--out models/generators/" in err and "--samples-dir generated_images" in err and "vanish" in err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "models").exists()
+
+
 def test_sample_grids_follow_sample_every_even_when_evaluation_is_sparser(loss_task, tmp_path):
     task, base = loss_task, loss_task.cfg
     task.cfg = with_overrides(base, {"sample.every": 2, "run.epochs": 9, "sample.folder": str(tmp_path)})
