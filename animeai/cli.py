@@ -384,6 +384,102 @@ def add_online_parsers(sub) -> None:
     p.set_defaults(func=cmd_add_role)
 
 
+def add_serve_parser(sub) -> None:
+    """``animeai serve``: the similarity service (HTTP API + web page) over a model + feature database."""
+
+    def cmd_serve(args: argparse.Namespace) -> int:
+        from animeai.online.service import check_auth_config, load_token
+
+        token = load_token(args.token_file)
+        check_auth_config(args.host, token, args.no_auth)  # before loading anything: a refused start is quick
+        if args.ray:
+            from animeai.distributed.serve import run
+
+            print(f"serving on Ray Serve: {args.replicas} reader replica(s) + 1 writer on http://{args.host}:"
+                  f"{args.port}/", file=sys.stderr, flush=True)
+            run(args.model, args.db, host=args.host, port=args.port, replicas=args.replicas, token=token,
+                protect_reads=args.protect_reads, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))
+            return 0
+        import uvicorn
+
+        from animeai.online import OnlineLearningSystem
+        from animeai.online.service import create_app
+
+        ol = OnlineLearningSystem(args.model, args.db, data_root=args.data)
+        for note in ol.notes:
+            print(note, file=sys.stderr)
+        app = create_app(ol, token=token, protect_reads=args.protect_reads,
+                         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))
+        print(f"serving {len(ol.clf.class_names)} roles on http://{args.host}:{args.port}/ (auth: "
+              f"{'off' if token is None else 'bearer token'})", file=sys.stderr, flush=True)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        return 0
+
+    def positive_mb(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        if not 0 < value <= 4096:
+            raise argparse.ArgumentTypeError(f"must be > 0 and <= 4096, got {text}")
+        return value
+
+    p = sub.add_parser("serve", help="HTTP similarity service: identify and enrol characters (API + web page)",
+                       description="Serve the online-learning system over HTTP (FastAPI + uvicorn): POST /identify, "
+                       "/identify/embedding, GET/POST /roles, DELETE /roles/{name}, /healthz, /readyz, /metrics, "
+                       "the web page at /, OpenAPI at /docs. Changes need 'Authorization: Bearer <token>' with the "
+                       "token from $ANIMEAI_TOKEN or --token-file; without one the server refuses to start unless "
+                       "--no-auth (loopback hosts only).")
+    p.add_argument("--model", required=True, help="classifier model file")
+    p.add_argument("--db", required=True, help="feature database folder (built from the model's classes if empty)")
+    p.add_argument("--data", default=None, help="build an empty database from this labelled folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int_in(0, 65535), default=8000, help="TCP port (default 8000)")
+    p.add_argument("--token-file", default=None, help="file whose first line is the bearer token "
+                   "(default: $ANIMEAI_TOKEN)")
+    p.add_argument("--no-auth", action="store_true", help="no token at all (only on a loopback host)")
+    p.add_argument("--protect-reads", action="store_true", help="identification, listing and metrics need the "
+                   "token too")
+    p.add_argument("--max-upload-mb", type=positive_mb, default=20.0, help="request body limit in MiB (default 20)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--ray", action="store_true", help="run on Ray Serve (a local Ray, or the cluster of $RAY_ADDRESS): "
+                   "--replicas readers + one writer")
+    p.add_argument("--replicas", type=int_in(1, 256), default=2, help="reader replicas with --ray (default 2)")
+    p.set_defaults(func=cmd_serve)
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from animeai.export import export_classifier
+
+    info = export_classifier(args.model, args.out, fmt=args.format, opset=args.opset, images=args.images,
+                             n_random=args.samples, overwrite=args.overwrite)
+    print(f"wrote {info['out']} (ONNX opset {info['opset']}): top-1 agrees with PyTorch on {info['samples']} "
+          f"{info['samples_from']} sample(s); largest logit difference {info['max_abs_diff']:.3g}", file=sys.stderr)
+    _write_json(info, None)
+    return 0
+
+
+def add_export_parser(sub) -> None:
+    p = sub.add_parser("export", help="export a classifier model file to ONNX, checked against PyTorch",
+                       description="Write an ONNX graph of a classifier model file (input 'images': N x 3 x S x S, "
+                       "normalised as the model file says; output 'logits'; the model's metadata under the ONNX "
+                       "metadata key 'animeai'), then run it with onnxruntime on sample images and check that every "
+                       "top-1 class equals PyTorch's. Needs: pip install -e \".[export]\".")
+    p.add_argument("--model", required=True, help="classifier model file")
+    p.add_argument("--format", choices=("onnx",), default="onnx", help="export format (default: onnx)")
+    p.add_argument("--out", help="output file (default: the model file with the format's suffix)")
+    p.add_argument("--opset", type=int_in(13, 23), default=17, help="ONNX opset (default: 17)")
+    p.add_argument("--images", nargs="*", default=[], metavar="IMG",
+                   help="image files for the check (default: seeded random inputs)")
+    p.add_argument("--samples", type=int_in(1, 1024), default=8, help="random inputs for the check when no --images "
+                   "are given (default: 8)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=cmd_export)
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -399,7 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_utility_parsers(sub)
     add_generate_parser(sub)
     add_online_parsers(sub)
+    add_serve_parser(sub)
     add_evaluate_generator_parser(sub)
+    add_export_parser(sub)
     return parser
 
 
