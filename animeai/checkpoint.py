@@ -13,6 +13,7 @@ and the field or tensor, never as a traceback from deeper down.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import math
@@ -256,6 +257,15 @@ def check_finite(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ reading
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's content (hex): how model files, teachers, judges and saved states are told apart."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def looks_like_safetensors(head: bytes, size: int) -> bool:

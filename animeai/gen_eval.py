@@ -25,7 +25,6 @@ Three figures, none of them computed by a network the generator was trained to p
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from animeai.checkpoint import CheckpointError, read_metadata, read_model_file
+from animeai.checkpoint import CheckpointError, file_sha256, read_metadata, read_model_file
 from animeai.models.perceptual import FrozenModule
 
 DEFAULT_FEATURES = "efficientnet_lite0"
@@ -165,15 +164,6 @@ class FeatureNet(FrozenModule):
 
 
 # -------------------------------------------------------------------------------------------------- judge
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's content (hex)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -30,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from animeai.checkpoint import file_sha256
 from animeai.config import (
     ConfigError,
     flag_name,
@@ -72,20 +72,12 @@ def _fix_hint(run_dir: Path) -> str:
 # ------------------------------------------------------------------------------------------ state checks
 
 
-def file_digest(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def state_manifest(state_dir: Path) -> dict[str, dict[str, Any]]:
     """``{relative file: {"size", "sha256"}}`` of everything in a saved state folder (but the trainer state)."""
     out = {}
     for p in sorted(state_dir.rglob("*")):
         if p.is_file() and p.name != TRAINER_STATE:
-            out[p.relative_to(state_dir).as_posix()] = {"size": p.stat().st_size, "sha256": file_digest(p)}
+            out[p.relative_to(state_dir).as_posix()] = {"size": p.stat().st_size, "sha256": file_sha256(p)}
     return out
 
 
@@ -129,7 +121,7 @@ def read_trainer_state(state_dir: Path, fields: Mapping[str, type]) -> dict[str,
         if size != info.get("size"):
             raise RunError(f"cannot resume: {f} is damaged ({size} bytes, the state saved {info.get('size')}; "
                            f"truncated or replaced?); {_fix_hint(run_dir)}")
-        if info.get("sha256") and file_digest(f) != info["sha256"]:
+        if info.get("sha256") and file_sha256(f) != info["sha256"]:
             raise RunError(f"cannot resume: {f} is damaged (its content changed since it was saved); "
                            f"{_fix_hint(run_dir)}")
     return data

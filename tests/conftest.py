@@ -59,3 +59,15 @@ def small_cfg(synth_root, tmp_path):
         return load_config(DetectorConfig, None, small_overrides(synth_root, tmp_path, **extra))
 
     return make
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is much faster than two fighting threads.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

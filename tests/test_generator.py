@@ -38,13 +38,7 @@ PACKAGE = PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "animeai"
 NAMES = ["akari", "botan", "chiyo"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is ~10x faster than two fighting threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -35,13 +35,7 @@ NAMES = ["akari", "botan", "chiyo", "daichi"]
 FAST = {"n": 64, "feature_size": 64, "kid_subsets": 20, "device": "cpu"}  # evaluation settings of these tests
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is much faster than two fighting threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def train_classifier(data: Path, out: Path, *, seed: int, split_seed: int) -> Path:

@@ -27,17 +27,11 @@ from animeai.distributed.fanout import (  # noqa: E402
 )
 from animeai.models import create_model, get_model_spec  # noqa: E402
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("one_torch_thread")]
 TESTS_DIR = str(Path(__file__).resolve().parent)
 NAMES = ["akari", "botan", "chiyo"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -41,11 +41,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
-from animeai.checkpoint import CheckpointError, read_metadata
+from animeai.checkpoint import CheckpointError, file_sha256, read_metadata
 from animeai.config import ConfigError, GeneratorConfig
 from animeai.data.folder import DatasetError, EpochShuffleSampler, has_train_val, report_skipped, visible_files
 from animeai.data.images import load_image, validate_images
-from animeai.gen_eval import file_sha256
 from animeai.generation import save_grid
 from animeai.models.gan import (
     create_discriminator,
