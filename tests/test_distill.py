@@ -151,6 +151,19 @@ def test_student_is_a_normal_classifier_file(setup, capsys):
     assert {p["top_k"][0]["class"] for p in preds} <= set(meta["class_names"])
 
 
+def test_online_system_accepts_the_student(setup, tmp_path):
+    pytest.importorskip("faiss", reason="faiss is not installed (pip install -e '.[online]')")
+    from animeai.online import OnlineLearningSystem
+
+    ol = OnlineLearningSystem(model_path=setup["student"], feature_db_path=tmp_path / "db",
+                              data_root=setup["data"])
+    names = read_model_file(setup["student"], load_tensors=False)[1]["class_names"]
+    assert [r["name"] for r in ol.list_roles()] == names
+    image = sorted((setup["data"] / "train" / names[0]).glob("*.jpg"))[0]
+    (top,) = ol.identify([image], k=1)
+    assert top[0]["role"] == names[0]  # a training image of the first character: the database finds it
+
+
 def test_onnx_export_agrees_with_pytorch(setup, capsys):
     pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -e '.[export]')")
     import onnx
