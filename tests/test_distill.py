@@ -56,6 +56,9 @@ def test_dkd_decomposes_kd():
     tckd = dkd_loss(s, t, y, T, alpha=1.0, beta=0.0).item()
     nckd = dkd_loss(s, t, y, T, alpha=0.0, beta=1.0).item()
     assert kd_loss(s, t, T).item() == pytest.approx(tckd + (1 - p_t_gt) * nckd, rel=1e-4)
+    out = distill_loss(s, t, y, temperature=T, alpha=0.7, kind="dkd", dkd_alpha=1.0, dkd_beta=8.0)
+    assert out["soft"].item() == pytest.approx(tckd + 8.0 * nckd, rel=1e-5)
+    assert out["loss"].item() == pytest.approx(0.7 * out["soft"].item() + 0.3 * F.cross_entropy(s, y).item(), rel=1e-5)
 
 
 def test_config_ranges_and_flags():
