@@ -78,7 +78,6 @@ def setup(tmp_path_factory):
     """Synthetic characters, a tiny teacher trained on them, and a student distilled from it (one run)."""
     from animeai.data.synthetic import make_synthetic_dataset
 
-    torch.set_num_threads(2)
     work = tmp_path_factory.mktemp("distill")
     data = work / "chars"
     make_synthetic_dataset(data, **DATA)

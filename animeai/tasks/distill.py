@@ -25,7 +25,6 @@ Design decisions:
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from animeai.checkpoint import CheckpointError
+from animeai.checkpoint import CheckpointError, file_sha256
 from animeai.config import DistillConfig
 from animeai.metrics import topk_correct
 from animeai.tasks.detector import DetectorTask, make_optimizer
@@ -150,14 +149,6 @@ def check_classes(data_classes: list[str], teacher_classes: list[str], data_root
                      f"{', '.join(data_classes)})")
     raise ClassMismatchError(f"--data {data_root} and --teacher {teacher_path} do not agree on the classes: "
                              + "; ".join(parts) + ". Distil on data with exactly the teacher's classes.")
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------ the task
