@@ -1,0 +1,304 @@
+"""The prepared GPU benchmark: one script, a few minutes on a lent GPU machine (runs on the CPU with --quick).
+
+What it measures, each through the project's own code:
+
+* ``model``     detector training step alone (EfficientNet-B0, 224 px, AdamW, bf16 autocast, channels-last) on
+                tensors already on the device: images/s, eager and ``torch.compile``.
+* ``decode``    the DataLoader's decode capacity: JPEG files -> the detector's training transform at 224 px with
+                one worker per core, no model: images/s (can the CPUs feed the GPU?).
+* ``engine``    ``engine.train`` of the detector task end to end on those JPEG files (bf16, channels-last, the
+                loader workers of ``decode``): images/s of the second epoch and the GPU utilisation sampled by
+                ``nvidia-smi`` meanwhile (the data path is the bottleneck if utilisation is low while
+                ``decode`` is close to ``engine``).
+* ``generator`` the generator task's training step (``engine.train``, 224 px, bf16): images/s, and the total
+                images/s of 1, 2 and 4 generators sharing the GPU (one process each).
+
+Anchor (issue 17): timm's published EfficientNet-B0 training throughput on one A100 with AMP is about 2,500
+images/s; the goal is at least that on one H100. Weights are random (``pretrained=none`` or random weight files):
+speed does not depend on them, and the GPU machine has no network.
+
+    python tests/benchmarks/gpu/bench_gpu.py                  # on the GPU machine (about 4 minutes)
+    python tests/benchmarks/gpu/bench_gpu.py --quick          # CPU smoke run (numbers mean nothing)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # _common
+sys.path.insert(0, str(HERE.parents[2]))  # the repo: animeai without installing it
+
+import _common  # noqa: E402
+import torch  # noqa: E402
+
+ANCHOR_A100_B0_IMAGES_PER_S = 2500.0
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def bench_model(batch: int, steps: int, compile_: bool, image_size: int) -> dict:
+    """Images/s of the bare detector training step (forward, loss, backward, AdamW) on device tensors."""
+    import torch.nn.functional as F
+
+    from animeai.models import create_model
+    from animeai.tasks.detector import make_optimizer
+
+    dev = _device()
+    model = create_model("efficientnet_b0", 1000, pretrained="none").to(dev, memory_format=torch.channels_last)
+    opt = make_optimizer(model, 1e-3, 0.05)
+    step_model = torch.compile(model) if compile_ else model
+    x = torch.randn(batch, 3, image_size, image_size, device=dev).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch,), device=dev)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+
+    def step():
+        with torch.autocast(dev.type, dtype=dtype, enabled=dev.type == "cuda"):
+            loss = F.cross_entropy(step_model(x).float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t0 = time.perf_counter()
+    for _ in range(3):  # warm-up (and compilation)
+        step()
+    _sync()
+    warm = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync()
+    dt = time.perf_counter() - t0
+    return {"images_per_s": batch * steps / dt, "batch": batch, "steps": steps, "compile": compile_,
+            "warmup_s": warm, "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if dev.type == "cuda" else None}
+
+
+def make_jpegs(root: Path, classes: int, per_class: int, size: int) -> Path:
+    """Noise-textured JPEGs (realistic decode cost for their size) in ``root/<class>/``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        d = root / f"class_{c:02d}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            base = rng.integers(0, 255, (size // 8, size // 8, 3), dtype=np.uint8)
+            img = Image.fromarray(base).resize((size, size), Image.BILINEAR)
+            img.save(d / f"{i:05d}.jpg", quality=90)
+    return root
+
+
+def bench_decode(root: Path, workers: int, batch: int, image_size: int) -> dict:
+    from torch.utils.data import DataLoader
+
+    from animeai.data.folder import ImageFolderDataset, scan_folder
+    from animeai.data.transforms import train_transform
+    from animeai.models.registry import IMAGENET_MEAN, IMAGENET_STD
+
+    samples = scan_folder(root).samples
+    ds = ImageFolderDataset(samples, train_transform(image_size, IMAGENET_MEAN, IMAGENET_STD), draft_size=image_size)
+    loader = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, persistent_workers=workers > 0)
+    it = iter(loader)
+    next(it)  # workers started
+    t0, n = time.perf_counter(), 0
+    for images, _ in it:
+        n += images.shape[0]
+    dt = time.perf_counter() - t0
+    return {"images_per_s": n / dt, "workers": workers, "images": n}
+
+
+class GpuSampler:
+    """``nvidia-smi`` utilisation every 0.5 s in a thread (no samples without nvidia-smi)."""
+
+    def __init__(self):
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, timeout=5)
+                self.samples.append(float(out.stdout.split()[0]))
+            except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+                return
+            self._stop.wait(0.5)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=6)
+
+    def mean(self) -> float | None:
+        return sum(self.samples) / len(self.samples) if self.samples else None
+
+
+def bench_engine(root: Path, tmp: Path, workers: int, batch: int, image_size: int, epochs: int) -> dict:
+    from animeai.config import DetectorConfig, load_config
+    from animeai.engine import train
+    from animeai.tasks.detector import DetectorTask
+
+    cfg = load_config(DetectorConfig, None, {
+        "data.root": str(root), "data.image_size": image_size, "data.num_workers": workers, "data.val_fraction": 0.05,
+        "model.arch": "efficientnet_b0", "model.pretrained": "none", "optim.batch_size": batch,
+        "run.epochs": epochs, "run.progress": False, "run.out": str(tmp / "engine.pth"),
+        "run.run_dir": str(tmp / "engine_run"), "run.overwrite": True,
+    })
+    with GpuSampler() as gpu:
+        result = train(cfg, DetectorTask(cfg))
+    last = result.history[-1]
+    return {"images_per_s": last["images_per_s"], "epoch_s": last["epoch_s"], "gpu_util_pct": gpu.mean(),
+            "mixed_precision": cfg.run.mixed_precision, "workers": workers, "batch": batch}
+
+
+def _random_weight_files(tmp: Path) -> tuple[Path, Path, Path]:
+    """A random classifier model file (the guiding detector) and random VGG16 / Lite0 weight files."""
+    import torchvision
+    from safetensors.torch import save_file
+
+    from animeai.checkpoint import save_model_file
+    from animeai.models import create_model
+    from animeai.models.registry import IMAGENET_MEAN, IMAGENET_STD
+
+    det = tmp / "detector.pth"
+    model = create_model("efficientnet_lite0", 4, pretrained="none")
+    save_model_file(det, model.state_dict(), {
+        "kind": "classifier", "arch": "efficientnet_lite0", "num_classes": 4,
+        "class_names": [f"class_{i:02d}" for i in range(4)], "image_size": 224,
+        "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)})
+    vgg = tmp / "vgg16.safetensors"
+    save_file({k: v.contiguous() for k, v in torchvision.models.vgg16().state_dict().items()}, str(vgg))
+    lite = tmp / "lite0.safetensors"
+    save_file({k: v.contiguous() for k, v in create_model("efficientnet_lite0", 1000).state_dict().items()}, str(lite))
+    return det, vgg, lite
+
+
+def bench_generator(root: Path, tmp: Path, image_size: int, batch: int, epochs: int, tag: str = "g") -> dict:
+    from animeai.config import GeneratorConfig, load_config
+    from animeai.engine import train
+    from animeai.tasks.generator import GeneratorTask
+
+    det, vgg, lite = tmp / "detector.pth", tmp / "vgg16.safetensors", tmp / "lite0.safetensors"
+    cfg = load_config(GeneratorConfig, None, {
+        "data.root": str(root), "data.image_size": image_size, "guide.detection_model": str(det),
+        "guide.target_class": "0", "guide.perceptual": "vgg16", "guide.perceptual_pretrained": str(vgg),
+        "model.d_pretrained": str(lite), "optim.batch_size": batch, "run.epochs": epochs, "run.progress": False,
+        "run.out": str(tmp / f"{tag}.pth"), "run.run_dir": str(tmp / f"{tag}_run"), "run.overwrite": True,
+        "run.eval_every": epochs, "sample.every": 10_000, "sample.folder": str(tmp / f"{tag}_samples"),
+    })
+    result = train(cfg, GeneratorTask(cfg))
+    last = result.history[-1]
+    return {"images_per_s": last["images_per_s"], "epoch_s": last["epoch_s"], "batch": batch}
+
+
+def bench_generators_sharing(args, root: Path, tmp: Path, k: int) -> dict:
+    """``k`` generator processes at once on the one device: total images/s."""
+    procs = []
+    for i in range(k):
+        out = tmp / f"share_{k}_{i}.json"
+        cmd = [sys.executable, __file__, "--only", "generator", "--work", str(tmp), "--tag", f"s{k}_{i}",
+               "--gen-batch", str(args.gen_batch), "--gen-epochs", str(args.gen_epochs),
+               "--gen-size", str(args.gen_size), "--result", str(out)] + (["--quick"] if args.quick else [])
+        procs.append((subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), out))
+    rates = []
+    for p, out in procs:
+        _, err = p.communicate()
+        if p.returncode != 0:
+            raise RuntimeError(f"generator process failed: {err[-2000:]}")
+        rates.append(json.loads(out.read_text())["images_per_s"])
+    return {"generators": k, "total_images_per_s": sum(rates), "per_generator": rates}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    _common.add_common_args(p, "bench_gpu")
+    p.add_argument("--only", choices=("model", "decode", "engine", "generator"), help="run one part")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
+    p.add_argument("--batch", type=int, default=256, help="detector batch (default: 256)")
+    p.add_argument("--gen-batch", type=int, default=32, help="generator batch (default: 32)")
+    p.add_argument("--gen-size", type=int, default=224, help="generator image size (default: 224)")
+    p.add_argument("--gen-epochs", type=int, default=3, help="generator epochs, the last one measured (default: 3)")
+    p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--tag", default="g", help=argparse.SUPPRESS)
+    p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    _common.apply_threads(args.threads)
+    if args.quick:
+        args.batch, args.gen_batch, args.gen_size, args.gen_epochs = 4, 4, 32, 2
+    size = 64 if args.quick else 224
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = 0 if args.quick else max(1, cores - 1)
+    tmp = args.work or Path(tempfile.mkdtemp(prefix="animeai-gpu-bench-"))
+    data = tmp / "jpegs"
+    if not data.exists():
+        classes, per_class = (4, 12) if args.quick else (4, 1500)  # 6,000 images of 320 px
+        make_jpegs(data, classes, per_class, 96 if args.quick else 320)
+        gen_data = data  # the generator's real images: class_00
+    else:
+        gen_data = data
+    if not (tmp / "detector.pth").exists():
+        _random_weight_files(tmp)
+
+    if args.only == "generator":  # a child of bench_generators_sharing
+        r = bench_generator(gen_data, tmp, args.gen_size, args.gen_batch, args.gen_epochs, args.tag)
+        args.result.write_text(json.dumps(r))
+        return 0
+
+    results: dict = {}
+    rows = []
+    steps = 3 if args.quick else 30
+    if args.only in (None, "model"):
+        for comp in ([False] if args.no_compile or args.quick else [False, True]):
+            r = bench_model(args.batch, steps, comp, size)
+            results[f"model_{'compiled' if comp else 'eager'}"] = r
+            rows.append([f"B0 train step {'compiled' if comp else 'eager'} (batch {args.batch})", r["images_per_s"],
+                         r["images_per_s"] / ANCHOR_A100_B0_IMAGES_PER_S])
+    if args.only in (None, "decode"):
+        r = bench_decode(data, workers, args.batch, size)
+        results["decode"] = r
+        rows.append([f"decode + train transform, {workers} workers", r["images_per_s"], None])
+    if args.only in (None, "engine"):
+        r = bench_engine(data, tmp, workers, args.batch, size, epochs=2)
+        results["engine"] = r
+        util = f"{r['gpu_util_pct']:.0f} %" if r["gpu_util_pct"] is not None else "n/a"
+        rows.append([f"engine.train B0 end to end (GPU util {util})", r["images_per_s"],
+                     r["images_per_s"] / ANCHOR_A100_B0_IMAGES_PER_S])
+    if args.only in (None, "generator"):
+        r = bench_generator(gen_data, tmp, args.gen_size, args.gen_batch, args.gen_epochs)
+        results["generator"] = r
+        rows.append([f"generator step {args.gen_size} px (batch {args.gen_batch})", r["images_per_s"], None])
+        sharing = [bench_generators_sharing(args, gen_data, tmp, k) for k in ((1, 2) if args.quick else (1, 2, 4))]
+        results["generators_sharing"] = sharing
+        for s in sharing:
+            rows.append([f"{s['generators']} generators sharing the device, total", s["total_images_per_s"],
+                         s["total_images_per_s"] / sharing[0]["total_images_per_s"]])
+    _common.print_table(["what", "images/s", "x anchor / x one"], rows,
+                        title=f"GPU benchmark on {_device()} (anchor: timm B0 on A100 with AMP, "
+                              f"{ANCHOR_A100_B0_IMAGES_PER_S:.0f} images/s)")
+    _common.write_json(args.out, "bench_gpu", vars(args) | {"workers": workers, "image_size": size}, results,
+                       _common.machine_info(_device()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
