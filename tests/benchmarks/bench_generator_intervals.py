@@ -6,8 +6,12 @@ This runs the same generator training (synthetic character, 150 real images, 64 
 that evaluates and saves only at its last epoch: overhead = (time per epoch - that baseline) / baseline. The
 default intervals of ``GeneratorRunConfig`` are chosen from this table (goal: under 5 %).
 
-    python tests/benchmarks/bench_generator_intervals.py             # 40 epochs per setting, ~10 minutes on 2 cores
-    python tests/benchmarks/bench_generator_intervals.py --quick     # smoke run
+    python tests/benchmarks/bench_generator_intervals.py --threads 1                    # 2 rounds x 5 settings x 40 epochs
+    python tests/benchmarks/bench_generator_intervals.py --threads 1 --epochs 12 --images 64   # a shorter look
+    python tests/benchmarks/bench_generator_intervals.py --quick                        # smoke run
+
+Per-epoch time is the time between the ends of consecutive epochs (evaluation, sample grid and state saving
+included; set-up and the first epoch left out).
 """
 
 from __future__ import annotations
@@ -35,9 +39,10 @@ def run_once(work: Path, data: Path, detector: Path, epochs: int, every: int, ta
         "sample.every": every, "sample.folder": str(work / f"samples_{tag}"), "run.progress": False,
         "run.out": str(work / f"{tag}.pth"), "run.run_dir": str(work / f"run_{tag}"), "run.overwrite": True,
     })
-    t0 = time.perf_counter()
-    train(cfg, GeneratorTask(cfg))
-    return (time.perf_counter() - t0) / epochs
+    stamps: list[float] = []  # after each epoch, once its evaluation, grid and state saving are done
+    train(cfg, GeneratorTask(cfg), callbacks=[lambda metrics, state_dir, task: stamps.append(time.perf_counter())])
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]  # epochs 2..N: set-up and the first epoch's warm-up left out
+    return sum(gaps) / len(gaps)
 
 
 def main() -> int:
@@ -46,6 +51,7 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=40, help="epochs per setting (default: 40)")
     p.add_argument("--intervals", default="1,5,10,25", help="comma list of N (default: 1,5,10,25)")
     p.add_argument("--images", type=int, default=150, help="real images of the character (default: 150)")
+    p.add_argument("--rounds", type=int, default=2, help="runs of every setting, interleaved (default: 2)")
     args = p.parse_args()
     _common.apply_threads(args.threads)
     from animeai.data.synthetic import make_synthetic_dataset
@@ -54,17 +60,25 @@ def main() -> int:
     epochs, images, size = (args.epochs, args.images, 64)
     intervals = [int(x) for x in args.intervals.split(",")]
     if args.quick:
-        epochs, images, size, intervals = 4, 16, 32, [1, 2]
+        epochs, images, size, intervals, args.rounds = 4, 16, 32, [1, 2], 1
     work = Path(tempfile.mkdtemp(prefix="animeai-gen-intervals-"))
     data = work / "chars"
     make_synthetic_dataset(data, num_classes=3, images_per_class=images, image_size=96, seed=0)
     detector = train_smoke_classifier(work, data)
-    base = run_once(work, data, detector, epochs, epochs, "last_only", size)
-    rows, results = [[f"only at the last epoch ({epochs})", base, 0.0]], {"epochs": epochs, "baseline_s": base}
+    # Every setting once per round, the order reversed on odd rounds (drift on a shared machine hits all alike);
+    # the median over rounds per setting.
+    settings = [epochs, *intervals]
+    times: dict[int, list[float]] = {n: [] for n in settings}
+    for r in range(args.rounds):
+        for n in (settings if r % 2 == 0 else settings[::-1]):
+            times[n].append(run_once(work, data, detector, epochs, n, f"every{n}", size))
+    base = _common.median(times[epochs])
+    rows = [[f"only at the last epoch ({epochs})", base, 0.0]]
+    results = {"epochs": epochs, "baseline_s": base, "baseline_runs": times[epochs]}
     for n in intervals:
-        t = run_once(work, data, detector, epochs, n, f"every{n}", size)
+        t = _common.median(times[n])
         over = (t - base) / base * 100
-        results[f"every_{n}"] = {"s_per_epoch": t, "overhead_pct": over}
+        results[f"every_{n}"] = {"s_per_epoch": t, "overhead_pct": over, "runs": times[n]}
         rows.append([f"every {n} epoch(s)", t, over])
     _common.print_table(["eval + samples + state saved", "s/epoch", "overhead %"], rows,
                         title=f"generator, {images} real images at {size} px, {epochs} epochs per row")
