@@ -91,7 +91,7 @@ def setup(tmp_path_factory):
         "data.root": str(data), "data.num_workers": 0, "model.arch": "efficientnet_lite0",
         "model.pretrained": "package", "distill.teacher": str(teacher), "optim.batch_size": 12, "optim.lr": 3e-3,
         # a 3-epoch teacher's logits are small: at T=4 its soft labels are nearly uniform, so the test uses T=2
-        "distill.temperature": 2.0, "distill.alpha": 0.5, "run.epochs": 3,
+        "distill.temperature": 2.0, "distill.alpha": 0.5, "run.epochs": 5,
         "run.progress": False, "run.out": str(work / "student.pth"), "run.run_dir": str(work / "student_run"),
     })
     task = DistillTask(scfg)
@@ -123,7 +123,7 @@ def setup(tmp_path_factory):
 
 def test_student_learns_from_a_frozen_teacher(setup):
     result, seen = setup["result"], setup["seen"]
-    assert len(seen) == 3
+    assert len(seen) == 5
     for s in seen:  # after every epoch of training steps (and after evaluation)
         assert s == {"training": False, "requires_grad": False, "grads": False, "same": True}
     setup["task"].train_mode(True)  # what the engine calls each epoch: the teacher stays in eval mode
@@ -272,11 +272,11 @@ def test_resume_continues_the_distillation_run(setup, capsys):
     # re-read from its file, the student's optimizer and schedule from the saved state)
     out, run_dir = setup["student"], setup["result"].run_dir
     capsys.readouterr()
-    assert main(["train", "distill", "--out", str(out), "--run-dir", str(run_dir), "--resume", "--epochs", "4"]) == 0
+    assert main(["train", "distill", "--out", str(out), "--run-dir", str(run_dir), "--resume", "--epochs", "6"]) == 0
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [m["epoch"] for m in lines] == [1, 2, 3, 4]
+    assert [m["epoch"] for m in lines] == [1, 2, 3, 4, 5, 6]
     assert "resumed from" in capsys.readouterr().out
     # a flag that would change the run is refused, naming it
-    assert main(["train", "distill", "--out", str(out), "--run-dir", str(run_dir), "--resume", "--epochs", "5",
+    assert main(["train", "distill", "--out", str(out), "--run-dir", str(run_dir), "--resume", "--epochs", "7",
                  "--temperature", "8"]) == 2
     assert "temperature" in capsys.readouterr().err
