@@ -315,3 +315,18 @@ def test_ray_train_per_report_lines_stay_off_the_console():
     finally:
         root.removeHandler(console)
     assert records == ["kept", "epoch 1/2"]
+
+
+def test_overwrite_starts_a_new_ray_run_instead_of_restoring_the_earlier_one(tmp_path, capsys):
+    """Ray Train restores a run of the same name; --overwrite must not silently continue it."""
+    from animeai.distributed.trainer import _fresh_run_name
+
+    earlier = tmp_path / "detector-m"
+    (earlier / "checkpoint_000001").mkdir(parents=True)
+    assert _fresh_run_name(str(tmp_path), "detector-m", overwrite=False) == "detector-m"
+    assert earlier.exists()  # without --overwrite a re-submitted job continues its run
+    assert _fresh_run_name(str(tmp_path), "detector-m", overwrite=True) == "detector-m"
+    assert not earlier.exists()
+    fresh = _fresh_run_name("s3://bucket/ray", "detector-m", overwrite=True)
+    assert fresh.startswith("detector-m-") and fresh != "detector-m"
+    assert "new Ray run" in capsys.readouterr().err

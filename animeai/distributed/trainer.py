@@ -15,7 +15,9 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,6 +243,23 @@ def ray_logging_config(level: str) -> dict[str, Any]:
     return {"logging_config": logging_config(log_level=level)} if logging_config else {}
 
 
+def _fresh_run_name(storage: str, name: str, *, overwrite: bool) -> str:
+    """Ray Train restores a run whose name already exists under the storage path (a job re-submitted after a
+    crash continues). With ``run.overwrite`` the user asked for a new run: the earlier run's folder is removed
+    (local storage), or, on object storage, the new run gets a name of its own."""
+    if not overwrite:
+        return name
+    if "://" in storage:
+        fresh = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        print(f"--overwrite: starting a new Ray run {fresh} under {storage} (earlier runs of {name} are kept)",
+              file=sys.stderr)
+        return fresh
+    earlier = Path(storage) / name
+    if earlier.exists():
+        shutil.rmtree(earlier)
+    return name
+
+
 def fit(
     task_name: str,
     cfg: Any,
@@ -264,6 +283,7 @@ def fit(
         check_data([cfg.data.root, getattr(cfg.data, "val_root", None)])
     name = opts.name or f"{task_name}-{Path(cfg.run.out).stem}"
     storage = opts.storage_path or str(Path(DEFAULT_STORAGE).absolute())
+    name = _fresh_run_name(storage, name, overwrite=getattr(cfg.run, "overwrite", False))
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"task": task_name, "cfg": to_dict(cfg), "use_gpu": opts.use_gpu, "run_name": name,
