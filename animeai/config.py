@@ -326,6 +326,10 @@ class GeneratorRunConfig(RunConfig):
     epochs: int = opt(3000, "Number of training epochs (one epoch = one pass over the character's real images).",
                       ge=1)
     out: str = opt("models/generator.pth", "Where the generator model file is written.")
+    # Every epoch would cost ~32 % of a short epoch (64 images, 64 px); every 10 costs nothing measurable
+    # (tests/benchmarks/bench_generator_intervals.py).
+    eval_every: int = opt(10, "Evaluate (and save the model file) every N epochs; the last epoch always.", ge=1)
+    save_every: int = opt(10, "Save the resumable state every N epochs; the last epoch always.", ge=1)
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,8 @@ def tiny_overrides(chars: Path, detector: Path, out_dir: Path, **extra) -> dict:
         "model.g_max_channels": 32, "model.d_channels": 8, "model.d_pretrained": "package",
         "optim.batch_size": 4, "run.epochs": 2, "run.progress": False, "sample.every": 1, "sample.count": 4,
         "sample.eval_count": 8, "sample.folder": str(out_dir / "generated_images"),
-        "run.out": str(out_dir / "generator.pth"), "run.run_dir": str(out_dir / "run"),
+        "run.out": str(out_dir / "generator.pth"), "run.run_dir": str(out_dir / "run"), "run.eval_every": 1,
+        "run.save_every": 1,
     }
     over.update(extra)
     return over
