@@ -6,9 +6,9 @@ This runs the same generator training (synthetic character, 150 real images, 64 
 that evaluates and saves only at its last epoch: overhead = (time per epoch - that baseline) / baseline. The
 default intervals of ``GeneratorRunConfig`` are chosen from this table (goal: under 5 %).
 
-    python tests/benchmarks/bench_generator_intervals.py --threads 1                    # 2 rounds x 5 settings x 40 epochs
-    python tests/benchmarks/bench_generator_intervals.py --threads 1 --epochs 12 --images 64   # a shorter look
-    python tests/benchmarks/bench_generator_intervals.py --quick                        # smoke run
+    python tests/benchmarks/bench_generator_intervals.py --threads 1             # 2 rounds x 5 settings x 40 epochs
+    python tests/benchmarks/bench_generator_intervals.py --threads 1 --epochs 12 --images 64 --intervals 1,5,10
+    python tests/benchmarks/bench_generator_intervals.py --quick                 # smoke run
 
 Per-epoch time is the time between the ends of consecutive epochs (evaluation, sample grid and state saving
 included; set-up and the first epoch left out).
