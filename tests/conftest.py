@@ -71,3 +71,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray on 2 CPUs for one test module (workers import the tests' helpers, never reach the hub)."""
+    import ray
+
+    tests_dir = str(Path(__file__).resolve().parent)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=80 * 1024**2,
+             runtime_env={"env_vars": {"PYTHONPATH": tests_dir, "HF_HUB_OFFLINE": "1"}}, log_to_driver=True)
+    yield
+    ray.shutdown()

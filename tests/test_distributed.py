@@ -18,15 +18,6 @@ from animeai.distributed.trainer import DistributedError, DistributedOptions, fi
 from animeai.inference import Classifier  # noqa: E402
 
 pytestmark = pytest.mark.ray
-TESTS_DIR = str(Path(__file__).resolve().parent)
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=80 * 1024**2,
-             runtime_env={"env_vars": {"PYTHONPATH": TESTS_DIR, "HF_HUB_OFFLINE": "1"}}, log_to_driver=True)
-    yield
-    ray.shutdown()
 
 
 def _cfg(data_root: Path, tmp_path: Path, **extra) -> DetectorConfig:

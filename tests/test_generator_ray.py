@@ -28,18 +28,9 @@ from animeai.distributed.fanout import (  # noqa: E402
 from animeai.models import create_model, get_model_spec  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("one_torch_thread")]
-TESTS_DIR = str(Path(__file__).resolve().parent)
 NAMES = ["akari", "botan", "chiyo"]
 
 
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=80 * 1024**2,
-             runtime_env={"env_vars": {"PYTHONPATH": TESTS_DIR, "HF_HUB_OFFLINE": "1"}}, log_to_driver=True)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
