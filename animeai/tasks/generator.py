@@ -100,8 +100,9 @@ def load_detector(path: str | Path, device: torch.device | str | None = None) ->
     if kind != "classifier":
         raise CheckpointError(f"{path}: holds a '{kind}' model, not a classifier; --detection-model needs the "
                               "detector's model file (written by `animeai train detector`)")
-    clf = Classifier.from_file(path, device=str(device) if device is not None else "cpu")
-    return FrozenDetector(clf.model, clf.meta, path)
+    device = str(device) if device is not None else "cpu"
+    clf = Classifier.from_file(path, device=device)
+    return FrozenDetector(clf.model, clf.meta, path).to(device)  # its mean/std buffers too
 
 
 def resolve_target_class(value: str | int, class_names: list[str], source: str = "the detector") -> int:

@@ -41,6 +41,7 @@ import _common  # noqa: E402
 import torch  # noqa: E402
 
 ANCHOR_A100_B0_IMAGES_PER_S = 2500.0
+PARTS = ("model", "decode", "engine", "generator")
 
 
 def _device() -> torch.device:
@@ -124,22 +125,40 @@ def bench_decode(root: Path, workers: int, batch: int, image_size: int) -> dict:
 
 
 class GpuSampler:
-    """``nvidia-smi`` utilisation every 0.5 s in a thread (no samples without nvidia-smi)."""
+    """GPU utilisation every 0.5 s in a thread: NVML through ``torch.cuda.utilization`` where it answers, else
+    ``nvidia-smi`` (no samples without either). A slow or failed reading is skipped, not the end of sampling."""
 
     def __init__(self):
-        self.samples: list[float] = []
+        self.samples: list[tuple[float, float]] = []  # (time.perf_counter(), utilisation %)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    @staticmethod
+    def _read() -> float | None:
+        try:
+            return float(torch.cuda.utilization())
+        except Exception:  # noqa: BLE001 - no NVML bindings: ask nvidia-smi
+            pass
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=5)
+            return float(out.stdout.split()[0])
+        except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+            return None
+
     def _run(self):
+        if not torch.cuda.is_available():
+            return
         while not self._stop.is_set():
-            try:
-                out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
-                                     capture_output=True, text=True, timeout=5)
-                self.samples.append(float(out.stdout.split()[0]))
-            except (OSError, ValueError, IndexError, subprocess.SubprocessError):
-                return
+            value = self._read()
+            if value is not None:
+                self.samples.append((time.perf_counter(), value))
             self._stop.wait(0.5)
+
+    def mean(self, since: float = float("-inf"), until: float = float("inf")) -> float | None:
+        """Mean utilisation of the samples taken between ``since`` and ``until`` (None without samples)."""
+        vals = [u for t, u in self.samples if since <= t <= until]
+        return sum(vals) / len(vals) if vals else None
 
     def __enter__(self):
         self._thread.start()
@@ -148,9 +167,6 @@ class GpuSampler:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join(timeout=6)
-
-    def mean(self) -> float | None:
-        return sum(self.samples) / len(self.samples) if self.samples else None
 
 
 def bench_engine(root: Path, tmp: Path, workers: int, batch: int, image_size: int, epochs: int) -> dict:
@@ -164,10 +180,16 @@ def bench_engine(root: Path, tmp: Path, workers: int, batch: int, image_size: in
         "run.epochs": epochs, "run.progress": False, "run.out": str(tmp / "engine.pth"),
         "run.run_dir": str(tmp / "engine_run"), "run.overwrite": True,
     })
+    ends: list[float] = []  # when each epoch's metrics were ready (the callback runs after the state is saved)
     with GpuSampler() as gpu:
-        result = train(cfg, DetectorTask(cfg))
+        result = train(cfg, DetectorTask(cfg), callbacks=[lambda metrics, state_dir, task: ends.append(
+            time.perf_counter())])
     last = result.history[-1]
-    return {"images_per_s": last["images_per_s"], "epoch_s": last["epoch_s"], "gpu_util_pct": gpu.mean(),
+    # Utilisation during the last epoch's training only: not the data scan before epoch 1, not evaluation.
+    train_s = last["epoch_s"] - last.get("eval_s", 0.0)
+    since = ends[-1] - last["epoch_s"]
+    return {"images_per_s": last["images_per_s"], "epoch_s": last["epoch_s"],
+            "gpu_util_pct": gpu.mean(since, since + train_s), "gpu_util_pct_whole_run": gpu.mean(),
             "mixed_precision": cfg.run.mixed_precision, "workers": workers, "batch": batch}
 
 
@@ -232,7 +254,7 @@ def bench_generators_sharing(args, root: Path, tmp: Path, k: int) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     _common.add_common_args(p, "bench_gpu")
-    p.add_argument("--only", choices=("model", "decode", "engine", "generator"), help="run one part")
+    p.add_argument("--only", nargs="+", choices=PARTS, help="run only these parts (default: all)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
     p.add_argument("--batch", type=int, default=256, help="detector batch (default: 256)")
     p.add_argument("--gen-batch", type=int, default=32, help="generator batch (default: 32)")
@@ -259,38 +281,45 @@ def main() -> int:
     if not (tmp / "detector.pth").exists():
         _random_weight_files(tmp)
 
-    if args.only == "generator":  # a child of bench_generators_sharing
+    if args.only == ["generator"] and args.result:  # a child of bench_generators_sharing
         r = bench_generator(gen_data, tmp, args.gen_size, args.gen_batch, args.gen_epochs, args.tag)
         args.result.write_text(json.dumps(r))
         return 0
 
     results: dict = {}
     rows = []
+
+    def add_row(row: list) -> None:  # each row printed and the JSON written as soon as a part ends
+        rows.append(row)
+        ratio = f"  ({row[2]:.2f}x)" if row[2] is not None else ""
+        print(f"[bench_gpu] {row[0]}: {row[1]:.1f} images/s{ratio}", flush=True)
+        _common.write_json(args.out, "bench_gpu", vars(args) | {"workers": workers, "image_size": size}, results,
+                           _common.machine_info(_device()))
     steps = 3 if args.quick else 30
-    if args.only in (None, "model"):
+    if args.only is None or "model" in args.only:
         for comp in ([False] if args.no_compile or args.quick else [False, True]):
             r = bench_model(args.batch, steps, comp, size)
             results[f"model_{'compiled' if comp else 'eager'}"] = r
-            rows.append([f"B0 train step {'compiled' if comp else 'eager'} (batch {args.batch})", r["images_per_s"],
+            add_row([f"B0 train step {'compiled' if comp else 'eager'} (batch {args.batch})", r["images_per_s"],
                          r["images_per_s"] / ANCHOR_A100_B0_IMAGES_PER_S])
-    if args.only in (None, "decode"):
+    if args.only is None or "decode" in args.only:
         r = bench_decode(data, workers, args.batch, size)
         results["decode"] = r
-        rows.append([f"decode + train transform, {workers} workers", r["images_per_s"], None])
-    if args.only in (None, "engine"):
-        r = bench_engine(data, tmp, workers, args.batch, size, epochs=2)
+        add_row([f"decode + train transform, {workers} workers", r["images_per_s"], None])
+    if args.only is None or "engine" in args.only:
+        r = bench_engine(data, tmp, workers, args.batch, size, epochs=2 if args.quick else 3)
         results["engine"] = r
         util = f"{r['gpu_util_pct']:.0f} %" if r["gpu_util_pct"] is not None else "n/a"
-        rows.append([f"engine.train B0 end to end (GPU util {util})", r["images_per_s"],
+        add_row([f"engine.train B0 end to end (GPU util {util})", r["images_per_s"],
                      r["images_per_s"] / ANCHOR_A100_B0_IMAGES_PER_S])
-    if args.only in (None, "generator"):
+    if args.only is None or "generator" in args.only:
         r = bench_generator(gen_data, tmp, args.gen_size, args.gen_batch, args.gen_epochs)
         results["generator"] = r
-        rows.append([f"generator step {args.gen_size} px (batch {args.gen_batch})", r["images_per_s"], None])
+        add_row([f"generator step {args.gen_size} px (batch {args.gen_batch})", r["images_per_s"], None])
         sharing = [bench_generators_sharing(args, gen_data, tmp, k) for k in ((1, 2) if args.quick else (1, 2, 4))]
         results["generators_sharing"] = sharing
         for s in sharing:
-            rows.append([f"{s['generators']} generators sharing the device, total", s["total_images_per_s"],
+            add_row([f"{s['generators']} generators sharing the device, total", s["total_images_per_s"],
                          s["total_images_per_s"] / sharing[0]["total_images_per_s"]])
     _common.print_table(["what", "images/s", "x anchor / x one"], rows,
                         title=f"GPU benchmark on {_device()} (anchor: timm B0 on A100 with AMP, "
