@@ -89,19 +89,30 @@ def bench_model(batch: int, steps: int, compile_: bool, image_size: int) -> dict
             "warmup_s": warm, "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if dev.type == "cuda" else None}
 
 
-def make_jpegs(root: Path, classes: int, per_class: int, size: int) -> Path:
-    """Noise-textured JPEGs (realistic decode cost for their size) in ``root/<class>/``."""
+def _make_chunk(job: tuple[Path, int, int, int]) -> None:
+    """JPEGs ``start .. start + n - 1`` of one class folder (seeded by the class and ``start``)."""
     import numpy as np
     from PIL import Image
 
-    rng = np.random.default_rng(0)
-    for c in range(classes):
-        d = root / f"class_{c:02d}"
-        d.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            base = rng.integers(0, 255, (size // 8, size // 8, 3), dtype=np.uint8)
-            img = Image.fromarray(base).resize((size, size), Image.BILINEAR)
-            img.save(d / f"{i:05d}.jpg", quality=90)
+    d, start, n, size = job
+    rng = np.random.default_rng([int(d.name.split("_")[-1]), start])
+    d.mkdir(parents=True, exist_ok=True)
+    for i in range(start, start + n):
+        base = rng.integers(0, 255, (size // 8, size // 8, 3), dtype=np.uint8)
+        Image.fromarray(base).resize((size, size), Image.BILINEAR).save(d / f"{i:05d}.jpg", quality=90)
+
+
+def make_jpegs(root: Path, classes: int, per_class: int, size: int, workers: int = 1) -> Path:
+    """Noise-textured JPEGs (realistic decode cost for their size) in ``root/<class>/``, made in ``workers``
+    processes, 100 at a time (6,000 in one process took most of a 3-minute GPU lease)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = [(root / f"class_{c:02d}", start, min(100, per_class - start), size)
+            for c in range(classes) for start in range(0, per_class, 100)]
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        list(pool.map(_make_chunk, jobs))
+    print(f"[bench_gpu] made {classes * per_class} JPEGs in {time.perf_counter() - t0:.1f} s", flush=True)
     return root
 
 
@@ -240,7 +251,8 @@ def bench_generators_sharing(args, root: Path, tmp: Path, k: int) -> dict:
         out = tmp / f"share_{k}_{i}.json"
         cmd = [sys.executable, __file__, "--only", "generator", "--work", str(tmp), "--tag", f"s{k}_{i}",
                "--gen-batch", str(args.gen_batch), "--gen-epochs", str(args.gen_epochs),
-               "--gen-size", str(args.gen_size), "--result", str(out)] + (["--quick"] if args.quick else [])
+               "--gen-size", str(args.gen_size), "--gen-images", str(args.gen_images),
+               "--result", str(out)] + (["--quick"] if args.quick else [])
         procs.append((subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), out))
     rates = []
     for p, out in procs:
@@ -260,6 +272,8 @@ def main() -> int:
     p.add_argument("--gen-batch", type=int, default=32, help="generator batch (default: 32)")
     p.add_argument("--gen-size", type=int, default=224, help="generator image size (default: 224)")
     p.add_argument("--gen-epochs", type=int, default=3, help="generator epochs, the last one measured (default: 3)")
+    p.add_argument("--gen-images", type=int, default=0,
+                   help="real images of the generator's character (default 0: all 1,500)")
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--tag", default="g", help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -274,10 +288,14 @@ def main() -> int:
     data = tmp / "jpegs"
     if not data.exists():
         classes, per_class = (4, 12) if args.quick else (4, 1500)  # 6,000 images of 320 px
-        make_jpegs(data, classes, per_class, 96 if args.quick else 320)
-        gen_data = data  # the generator's real images: class_00
-    else:
-        gen_data = data
+        make_jpegs(data, classes, per_class, 96 if args.quick else 320, workers=cores)
+    gen_data = data  # the generator's real images: class_00
+    if args.gen_images:  # a smaller character folder (hard links), for a short generator part
+        gen_data = tmp / f"gen_{args.gen_images}"
+        if not gen_data.exists():
+            (gen_data / "class_00").mkdir(parents=True)
+            for f in sorted((data / "class_00").iterdir())[: args.gen_images]:
+                os.link(f, gen_data / "class_00" / f.name)
     if not (tmp / "detector.pth").exists():
         _random_weight_files(tmp)
 
