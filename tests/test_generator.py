@@ -175,6 +175,25 @@ def test_feature_statistics_do_not_pull_samples_towards_the_mean_image():
     assert collapsed > 100 * max(same_set, 1e-6) and collapsed > 0.01  # a collapsed set is penalised
 
 
+def test_feature_statistics_penalise_copies_of_one_real_image():
+    """Copies of one image with the real batch's spread *within* it (the collapse a holo20 run showed) pay the
+    across-images term in full; a batch of one image (no spread to measure) still gives a finite loss."""
+    from animeai.models.perceptual import feature_stats
+
+    torch.manual_seed(0)
+    net = create_perceptual("efficientnet_lite0", "package")
+    real = torch.rand(8, 3, 32, 32) * 2 - 1
+    copies = real[:1].expand(8, -1, -1, -1)
+    with torch.no_grad():
+        target, fake = net(real), net(copies)
+        loss = feature_stat_loss(fake, target).item()
+        between = [b for _, _, b in feature_stats(fake)]
+        one = feature_stat_loss(net(real[:1]), target)
+    assert all(b.abs().max().item() < 1e-5 for b in between)  # no spread across the copies
+    assert loss >= 0.9  # each layer's across-images term alone is (0 - s)^2 / s^2 = 1
+    assert torch.isfinite(one)
+
+
 # --------------------------------------------------------------------------------------- loss wiring
 
 

@@ -154,12 +154,15 @@ def create_perceptual(name: str = "vgg16", pretrained: str = "auto") -> FrozenMo
     return FrozenBackbone(name, pretrained, PERCEPTUAL_STAGES)
 
 
-def feature_stats(feats: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer: the channel mean and standard deviation over the whole batch and all positions."""
+def feature_stats(feats: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """Per layer: the channel mean and standard deviation over the whole batch and all positions, and the
+    standard deviation *across the batch* of each image's channel means (None for a batch of one image)."""
     out = []
     for f in feats:
         f = f.float()
-        out.append((f.mean(dim=(0, 2, 3)), f.std(dim=(0, 2, 3))))
+        per_image = f.mean(dim=(2, 3))  # (B, C)
+        between = per_image.std(dim=0) if f.shape[0] > 1 else None
+        out.append((f.mean(dim=(0, 2, 3)), f.std(dim=(0, 2, 3)), between))
     return out
 
 
@@ -167,22 +170,34 @@ def feature_stat_loss(fake_feats: Sequence[torch.Tensor], real_feats: Sequence[t
                       eps: float = 1e-6) -> torch.Tensor:
     """Distance between the feature statistics of a generated batch and of a real batch.
 
-    Per layer, the channel means and standard deviations taken over the *batch and all positions* are compared
-    (squared error), divided by the real layer's mean channel variance so that every layer and every network
-    weighs the same whatever its activation scale; the result is the mean over layers.
+    Per layer, three statistics are compared (squared error), each divided by the real batch's mean square of
+    that statistic's spread so that every layer and every network weighs the same whatever its activation scale;
+    the result is the mean over layers:
+
+    * the channel means and standard deviations over the *batch and all positions* (colour, line and texture
+      distribution of the batch as a whole);
+    * the standard deviation *across images* of each image's channel means (how much the images differ from
+      each other).
 
     Why statistics of the batch, not pairs of images: a loss between each generated image and a real image (or
     the real images' mean) is smallest for the average image, which pulls every sample towards one blurry mean
-    and kills diversity. Batch statistics only ask the generated batch, as a set, to have the colour, line and
-    texture distribution of the real batch: any diverse set of samples with that distribution scores zero, and
-    the spatial layout (pose, framing) is free. Mean and standard deviation per channel (the statistics style
-    transfer matches, as in AdaIN) are chosen over Gram matrices: C numbers per layer instead of C^2 (512^2 at
-    relu4_3), stable with batches of 8-32 images, and cheap at 224 px.
+    and kills diversity. Batch statistics only ask the generated batch, as a set, to have the distribution of
+    the real batch: any diverse set of samples with that distribution scores zero, and the spatial layout (pose,
+    framing) is free. Mean and standard deviation per channel (the statistics style transfer matches, as in
+    AdaIN) are chosen over Gram matrices: C numbers per layer instead of C^2 (512^2 at relu4_3), stable with
+    batches of 8-32 images, and cheap at 224 px.
+
+    Why the across-images term: the first two are also matched by a batch of copies of one image that has the
+    real batch's spread *within* it (a holo20 run at 64 px collapsed that way: every sample the same picture,
+    recognised 100 % but with a tenth of the real images' diversity). A collapsed batch has zero spread across
+    images and pays the full real spread here.
     """
     if len(fake_feats) != len(real_feats) or not fake_feats:
         raise ValueError("fake and real features must come from the same layers")
     total = torch.zeros((), device=fake_feats[0].device)
-    for (mf, sf), (mr, sr) in zip(feature_stats(fake_feats), feature_stats(real_feats)):
+    for (mf, sf, bf), (mr, sr, br) in zip(feature_stats(fake_feats), feature_stats(real_feats)):
         scale = sr.detach().pow(2).mean() + eps
         total = total + (F.mse_loss(mf, mr) + F.mse_loss(sf, sr)) / scale
+        if bf is not None and br is not None:
+            total = total + F.mse_loss(bf, br) / (br.detach().pow(2).mean() + eps)
     return total / len(fake_feats)
