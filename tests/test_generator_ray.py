@@ -144,6 +144,17 @@ def test_fanout_job_trains_each_character_and_reports_a_failed_one(local_ray, ch
     # a second run over the same outputs is refused without --overwrite, before any Ray work
     assert train_generators_main(argv) == 2
     assert "--overwrite" in capsys.readouterr().err
+    # --resume with more epochs continues each trained character from its saved state
+    more = [("3" if a == "2" and argv[i - 1] == "--num_epochs" else a) for i, a in enumerate(argv)]
+    more[more.index("--classes") + 1: more.index("--classes") + 3] = ["akari,botan"]
+    assert train_generators_main([*more, "--resume"]) == 0
+    summary = json.loads(summary_file.read_text())
+    assert [(r["character"], r["status"], r["epochs"], r["resumed"]) for r in summary["characters"]] == [
+        ("akari", "ok", 3, True), ("botan", "ok", 3, True)]
+    for name in ("akari", "botan"):
+        lines = (runs_dir / name / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3]
+        assert read_model_file(out_dir / f"{name}.pth")[1]["epoch"] == 3
 
 
 def crash_once_train_fn(job):
