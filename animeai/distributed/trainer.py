@@ -273,7 +273,9 @@ def fit(
     ``cfg.run.out`` and return Ray's result (metrics, checkpoints).
 
     ``synthetic``: arguments of ``make_synthetic_dataset``; each worker then trains on generated data
-    (smoke tests) instead of ``cfg.data.root``."""
+    (smoke tests) instead of ``cfg.data.root``. Otherwise the task's ``prepare_data`` runs here first (the
+    detector and distillation validate the data into its manifest once, with a progress bar, and fail fast on
+    bad data before any worker starts)."""
     if not ray.is_initialized():
         connect()
     if opts.check_resources:
@@ -281,6 +283,8 @@ def fit(
     if synthetic is None and hasattr(cfg, "data"):
         cfg = _absolute_data_paths(cfg)
         check_data([cfg.data.root, getattr(cfg.data, "val_root", None)])
+        # Validate once, here: the workers then find every image in the data manifest and decode none up front.
+        get_task(task_name)[1].prepare_data(cfg)
     name = opts.name or f"{task_name}-{Path(cfg.run.out).stem}"
     storage = opts.storage_path or str(Path(DEFAULT_STORAGE).absolute())
     name = _fresh_run_name(storage, name, overwrite=getattr(cfg.run, "overwrite", False))
