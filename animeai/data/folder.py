@@ -188,11 +188,19 @@ def check_images(
 ) -> tuple[list[Path], list[ImageError]]:
     """``(usable paths, errors)`` of ``(path, label)`` pairs, in input order: through ``manifest`` (decoding only
     new or changed files; ``scope``: the folders listed completely) or, without one, by decoding every file."""
+    flags = _check_flags(files, manifest, scope=scope, max_pixels=max_pixels, refresh=refresh, progress=progress)
+    return [p for (p, _), e in zip(files, flags) if e is None], [e for e in flags if e is not None]
+
+
+def _check_flags(files, manifest, *, scope, max_pixels, refresh, progress) -> list[ImageError | None]:
+    """Per file of :func:`check_images`: its ``ImageError``, or ``None`` when usable."""
     if manifest is None:
-        return validate_images([p for p, _ in files], max_pixels=max_pixels)
+        paths = [p for p, _ in files]
+        _, errors = validate_images(paths, max_pixels=max_pixels)
+        by_path = {e.path: e for e in errors}
+        return [by_path.get(p) for p in paths]
     results = manifest.update(files, scope=scope, max_pixels=max_pixels, refresh=refresh, progress=progress)
-    ok = [p for (p, _), r in zip(files, results) if not isinstance(r, ImageError)]
-    return ok, [r for r in results if isinstance(r, ImageError)]
+    return [r if isinstance(r, ImageError) else None for r in results]
 
 
 @dataclass
@@ -234,13 +242,12 @@ def scan_folder(
         files, walk_errors = walk_files(root / name)
         candidates += [(p, index[name]) for p in files]
         errors += walk_errors
-    ok, bad_files = check_images([(p, class_names[y]) for p, y in candidates], manifest, scope=[root],
-                                 max_pixels=max_pixels, refresh=refresh, progress=progress)
-    errors = sorted(errors + bad_files, key=lambda e: e.path)
+    flags = _check_flags([(p, class_names[y]) for p, y in candidates], manifest, scope=[root],
+                         max_pixels=max_pixels, refresh=refresh, progress=progress)
+    errors = sorted(errors + [e for e in flags if e is not None], key=lambda e: e.path)
     if strict and errors:
         raise DatasetError(f"unreadable image (strict mode): {errors[0]}")
-    good = set(ok)
-    samples = [(p, y) for p, y in candidates if p in good]
+    samples = [s for s, e in zip(candidates, flags) if e is None]
     counts = [0] * len(class_names)
     for _, y in samples:
         counts[y] += 1

@@ -38,6 +38,11 @@ from animeai.data.images import DEFAULT_MAX_PIXELS, ImageError, ImageInfo, probe
 
 FORMAT = "animeai-data-manifest"
 VERSION = 1
+COLUMNS = ("path", "size", "mtime_ns", "label", "width", "height", "mode", "error")
+"""One array per file in the JSON: ``error`` is ``null`` for a usable image (then ``width``, ``height`` and the
+file's own ``mode`` are set); an unusable file has its reason in ``error`` (and its size when refused as too
+large). Arrays rather than objects: a 100,000-file manifest reads about twice as fast."""
+_SIZE, _MTIME, _LABEL, _W, _H, _MODE, _ERROR = range(7)  # positions in a record (the columns after "path")
 MANIFEST_NAME = ".animeai-manifest.json"
 LOCATIONS_HELP = "auto | off | PATH"
 
@@ -106,7 +111,8 @@ class Manifest:
         else:
             self.path = Path(location).expanduser()
         self.lock_path = self.path.with_name(self.path.name + ".lock")
-        self._entries: dict[str, dict[str, Any]] = {}
+        self._prefix_text = os.path.join(os.fspath(self.root), "")
+        self._entries: dict[str, list[Any]] = {}
         self._signature: tuple[int, int, int] | None = None
         self.decoded = 0
         self.reused = 0
@@ -122,8 +128,9 @@ class Manifest:
             return None
         return st.st_ino, st.st_size, st.st_mtime_ns
 
-    def entries(self) -> dict[str, dict[str, Any]]:
-        """The records by relative path, as last read or written (reads the file if it changed since)."""
+    def entries(self) -> dict[str, list[Any]]:
+        """The records by relative path (the :data:`COLUMNS` after ``path``), as last read or written (reads the
+        file if it changed since)."""
         self._refresh()
         return self._entries
 
@@ -162,9 +169,10 @@ class Manifest:
             os.close(fd)  # closing drops the lock
 
     def _write(self) -> None:
-        files = [{"path": rel, **rec} for rel, rec in sorted(self._entries.items())]
+        files = [[rel, *rec] for rel, rec in sorted(self._entries.items())]
         doc = {"format": FORMAT, "version": VERSION, "root": str(self.absolute_root),
-               "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
+               "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "columns": list(COLUMNS),
+               "files": files}
         tmp = self.path.with_name(f"{self.path.name}.tmp.{os.getpid()}")
         try:
             with open(tmp, "w", encoding="utf-8") as f:
@@ -181,6 +189,12 @@ class Manifest:
 
     # --- the work ----------------------------------------------------------------------------------
     def relative(self, path: Path) -> str:
+        """``path`` relative to the root, with ``/`` separators (string operations: pathlib's ``relative_to``
+        costs more than the rest of a reused manifest's work)."""
+        text = os.fspath(path)
+        if text.startswith(self._prefix_text) and len(text) > len(self._prefix_text):
+            rel = text[len(self._prefix_text):]
+            return rel if os.sep == "/" else rel.replace(os.sep, "/")
         try:
             return path.relative_to(self.root).as_posix()
         except ValueError:
@@ -219,15 +233,15 @@ class Manifest:
                     stale.append((i, rel, None))  # decoding names the problem; never recorded
                     continue
                 rec = entries.get(rel)
-                if refresh or rec is None or rec["size"] != st.st_size or rec["mtime_ns"] != st.st_mtime_ns:
+                if refresh or rec is None or rec[_SIZE] != st.st_size or rec[_MTIME] != st.st_mtime_ns:
                     stale.append((i, rel, st))
                     continue
                 result = _result(path, rec, max_pixels)
                 if result is None:  # refused as too large under a lower limit: decode under this one
                     stale.append((i, rel, st))
                     continue
-                if rec["label"] != label:
-                    rec["label"] = label
+                if rec[_LABEL] != label:
+                    rec[_LABEL] = label
                     changed = True
                 results[i] = result
             self.reused = len(files) - len(stale)
@@ -287,48 +301,41 @@ def _under(rel: str, prefix: str) -> bool:
     return prefix == "" or rel == prefix or rel.startswith(prefix + "/")
 
 
-def _record(st: os.stat_result, label: str | None, result: ImageInfo | ImageError) -> dict[str, Any]:
-    rec: dict[str, Any] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "label": label}
+def _record(st: os.stat_result, label: str | None, result: ImageInfo | ImageError) -> list[Any]:
     if isinstance(result, ImageInfo):
-        rec.update(ok=True, width=result.width, height=result.height, mode=result.mode)
-    else:
-        rec.update(ok=False, error=result.reason)
-        if result.size is not None:
-            rec.update(width=result.size[0], height=result.size[1])
-    return rec
+        return [st.st_size, st.st_mtime_ns, label, result.width, result.height, result.mode, None]
+    w, h = result.size if result.size is not None else (None, None)
+    return [st.st_size, st.st_mtime_ns, label, w, h, None, result.reason]
 
 
-def _result(path: Path, rec: dict[str, Any], max_pixels: int) -> ImageInfo | ImageError | None:
+def _result(path: Path, rec: list[Any], max_pixels: int) -> ImageInfo | ImageError | None:
     """The recorded result under ``max_pixels``; ``None`` when the record cannot answer (decode again)."""
-    w, h = rec.get("width"), rec.get("height")
-    if rec["ok"]:
+    w, h = rec[_W], rec[_H]
+    if rec[_ERROR] is None:
         if w * h > max_pixels:
             return ImageError(path, too_large_reason(w, h, max_pixels), size=(w, h))
-        return ImageInfo(w, h, rec["mode"])
-    if w is not None and h is not None and w * h <= max_pixels:
+        return ImageInfo(w, h, rec[_MODE])
+    if w is not None and w * h <= max_pixels:
         return None
-    return ImageError(path, rec["error"], size=(w, h) if w is not None else None)
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return ImageError(path, rec[_ERROR], size=(w, h) if w is not None else None)
 
 
 def _valid_record(f: Any) -> bool:
-    if not isinstance(f, dict) or not isinstance(f.get("path"), str) or not f["path"]:
+    if type(f) is not list or len(f) != len(COLUMNS):
         return False
-    if not (_is_int(f.get("size")) and _is_int(f.get("mtime_ns")) and isinstance(f.get("ok"), bool)):
+    path, size, mtime, label, w, h, mode, error = f
+    if type(path) is not str or not path or type(size) is not int or type(mtime) is not int:
         return False
-    if f.get("label") is not None and not isinstance(f["label"], str):
+    if label is not None and type(label) is not str:
         return False
-    if f["ok"]:
-        return _is_int(f.get("width")) and _is_int(f.get("height")) and isinstance(f.get("mode"), str)
-    if not isinstance(f.get("error"), str):
+    if error is None:
+        return type(w) is int and type(h) is int and w > 0 and h > 0 and type(mode) is str
+    if type(error) is not str or mode is not None:
         return False
-    return ("width" not in f and "height" not in f) or (_is_int(f.get("width")) and _is_int(f.get("height")))
+    return (w is None and h is None) or (type(w) is int and type(h) is int)
 
 
-def _read(path: Path, absolute_root: Path, *, check_root: bool) -> tuple[dict[str, dict[str, Any]], str | None]:
+def _read(path: Path, absolute_root: Path, *, check_root: bool) -> tuple[dict[str, list[Any]], str | None]:
     """``(records by relative path, None)``, or ``({}, what is wrong)`` for a file that cannot be trusted."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -341,6 +348,8 @@ def _read(path: Path, absolute_root: Path, *, check_root: bool) -> tuple[dict[st
         return {}, f"has format version {doc.get('version')!r}, this animeai reads version {VERSION}"
     if check_root and doc.get("root") != str(absolute_root):
         return {}, f"belongs to another data root ({doc.get('root')!r}, not {str(absolute_root)!r})"
+    if doc.get("columns") != list(COLUMNS):
+        return {}, f"is damaged (its \"columns\" are not {list(COLUMNS)})"
     files = doc.get("files")
     if not isinstance(files, list):
         return {}, "is damaged (no \"files\" list)"
@@ -348,8 +357,8 @@ def _read(path: Path, absolute_root: Path, *, check_root: bool) -> tuple[dict[st
     for n, f in enumerate(files):
         if not _valid_record(f):
             return {}, f"is damaged (record {n} is malformed: {str(f)[:120]})"
-        rel = f["path"]
+        rel = f[0]
         if rel.startswith("/") or ".." in rel.split("/"):
             return {}, f"is damaged (record {n} has a path outside the data root: {rel!r})"
-        entries[rel] = {k: v for k, v in f.items() if k != "path"}
+        entries[rel] = f[1:]
     return entries, None
