@@ -222,11 +222,13 @@ class Manifest:
             results: list[ImageInfo | ImageError | None] = [None] * len(files)
             stale: list[tuple[int, str, os.stat_result | None]] = []
             listed: set[str] = set()
-            for i, (path, label) in enumerate(files):
-                rel = self.relative(path)
+            prefix, cut = self._prefix_text, len(self._prefix_text)
+            for i, (path, label) in enumerate(files):  # the hot loop of a reused manifest: kept lean
+                text = os.fspath(path)
+                rel = text[cut:] if text.startswith(prefix) and os.sep == "/" else self.relative(path)
                 listed.add(rel)
                 try:
-                    st = os.stat(path)
+                    st = os.stat(text)
                 except OSError:
                     st = None
                 if st is None or not stat.S_ISREG(st.st_mode):
@@ -235,6 +237,9 @@ class Manifest:
                 rec = entries.get(rel)
                 if refresh or rec is None or rec[_SIZE] != st.st_size or rec[_MTIME] != st.st_mtime_ns:
                     stale.append((i, rel, st))
+                    continue
+                if rec[_ERROR] is None and rec[_W] * rec[_H] <= max_pixels and rec[_LABEL] == label:
+                    results[i] = ImageInfo(rec[_W], rec[_H], rec[_MODE])  # the common case
                     continue
                 result = _result(path, rec, max_pixels)
                 if result is None:  # refused as too large under a lower limit: decode under this one
