@@ -540,6 +540,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def loader_worker_error(exc: BaseException) -> str | None:
+    """The message of an ``ImageError``/``DatasetError`` raised in a DataLoader worker process (e.g. a file that broke
+    after it was validated, in a ``--strict`` run): PyTorch re-raises it in the main process as a ``RuntimeError``
+    whose text is the worker's traceback; its last line names the file and the reason. ``None`` for anything else."""
+    text = str(exc)
+    if not isinstance(exc, RuntimeError) or "in DataLoader worker" not in text:
+        return None
+    for kind in ("ImageError", "DatasetError"):
+        if text.startswith(f"Caught {kind} "):
+            last = [line for line in text.splitlines() if line.strip()][-1]
+            return last.split(f"{kind}: ", 1)[-1] + " (raised while loading a batch)"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     from animeai.checkpoint import CheckpointError
     from animeai.config import ConfigError
@@ -554,6 +568,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError, CheckpointError, WeightsError, ImageError, RunError, FileNotFoundError,
             FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        message = loader_worker_error(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

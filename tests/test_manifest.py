@@ -439,3 +439,31 @@ def test_ray_workers_share_the_manifest_the_driver_built(local_ray, tmp_path, de
     per_worker = [json.loads((tmp_path / f"decodes-rank{r}.json").read_text()) for r in (0, 1)]
     assert per_worker == [[], []]  # both workers found every image in the driver's manifest
     assert (tmp_path / "model.pth").is_file() and len(_records(root)) == 12
+
+
+def test_a_strict_loader_error_in_a_worker_process_is_a_clear_cli_error(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from animeai.cli import loader_worker_error
+
+    root = _tree(tmp_path / "chars", per_class=2)
+    samples = scan_folder(root, manifest=open_manifest(root, "auto")).samples
+    samples[0][0].write_bytes(b"")
+    loader = DataLoader(ImageFolderDataset(samples, None, on_error="raise"), batch_size=None, num_workers=1)
+    with pytest.raises(RuntimeError) as info:
+        next(iter(loader))
+    assert loader_worker_error(info.value) == f"{samples[0][0]}: empty file (0 bytes) (raised while loading a batch)"
+    assert loader_worker_error(RuntimeError("something else")) is None
+
+
+def test_generator_real_images_skip_a_file_broken_after_validation(tmp_path):
+    from animeai.tasks.generator import RealImages, find_character_images
+
+    root = _tree(tmp_path / "chars", per_class=3)
+    paths, errors, _ = find_character_images(root, "akari", manifest="auto")
+    assert errors == [] and len(paths) == 3
+    paths[1].write_bytes(b"")
+    ds = RealImages(paths, 16, label=0)
+    assert len(ds) == 2 and [e.path for e in ds.skipped] == [paths[1]] and ds.paths == [paths[0], paths[2]]
+    with pytest.raises(ImageError, match="empty file"):
+        RealImages(paths, 16, label=0, strict=True)

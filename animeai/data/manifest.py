@@ -101,8 +101,8 @@ class Manifest:
         self.beside_data = location == "auto"
         if location == "auto":
             beside = self.root / MANIFEST_NAME
-            if _writable_folder(self.root):
-                self.path = beside
+            if not self.root.is_dir() or _writable_folder(self.root):
+                self.path = beside  # (a missing root: the scan reports it before the manifest is used)
             else:
                 self.path = cache_path(self.root)
                 self._say(f"manifest: {self.root} is not writable; keeping its manifest in {self.path}")
