@@ -137,8 +137,10 @@ def test_access_problems_are_checked_every_run_never_recorded(tmp_path, decodes)
     assert any("broken symbolic link" in str(e) for e in result.errors)
     assert "akari/link.jpg" not in _records(root)
     decodes.clear()
+    before = (root / MANIFEST_NAME).stat().st_mtime_ns
     scan_folder(root, manifest=open_manifest(root, "auto"))
     assert decodes == [root / "akari" / "link.jpg"]  # checked again (cheap: it fails before any decoding)
+    assert (root / MANIFEST_NAME).stat().st_mtime_ns == before  # and nothing to write back
 
 
 def test_the_pixel_limit_applies_to_recorded_sizes(tmp_path, decodes):

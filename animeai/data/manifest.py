@@ -252,9 +252,8 @@ class Manifest:
             self.reused = len(files) - len(stale)
             self.decoded = len(stale)
             if stale:
-                self._decode(files, stale, results, label_of=lambda i: files[i][1], max_pixels=max_pixels,
-                             progress=progress, num_threads=num_threads)
-                changed = True
+                changed |= self._decode(files, stale, results, label_of=lambda i: files[i][1],
+                                        max_pixels=max_pixels, progress=progress, num_threads=num_threads)
             prefixes = [self._prefix(s) for s in scope]
             gone = [rel for rel in entries if rel not in listed and any(_under(rel, p) for p in prefixes)]
             for rel in gone:
@@ -268,7 +267,8 @@ class Manifest:
         rel = self.relative(folder)
         return "" if rel == "." else rel
 
-    def _decode(self, files, stale, results, *, label_of, max_pixels, progress, num_threads) -> None:
+    def _decode(self, files, stale, results, *, label_of, max_pixels, progress, num_threads) -> bool:
+        """Decode the ``stale`` files into ``results`` and the records; whether any record changed."""
         self._say(f"manifest: decoding {len(stale):,} new or changed of {len(files):,} images "
                   f"({self.path})")
         bar = None
@@ -283,12 +283,15 @@ class Manifest:
         finally:
             if bar is not None:
                 bar.close()
+        changed = False
         for (i, rel, st), result in zip(stale, decoded):
             results[i] = result
             if st is None or (isinstance(result, ImageError) and result.access):
-                self._entries.pop(rel, None)
+                changed |= self._entries.pop(rel, None) is not None  # never recorded (see the module docstring)
             else:
                 self._entries[rel] = _record(st, label_of(i), result)
+                changed = True
+        return changed
 
 
 def open_manifest(root: str | os.PathLike[str], location: str | None, *, stream: TextIO | None = None
