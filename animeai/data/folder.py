@@ -27,7 +27,7 @@ from animeai.data.images import (
     load_image,
     validate_images,
 )
-from animeai.data.manifest import Manifest, open_manifest
+from animeai.data.manifest import Manifest, gc_paused, open_manifest
 
 Sample = tuple[Path, int]
 
@@ -238,16 +238,17 @@ def scan_folder(
             raise DatasetError(f"{root}: class folder(s) not among the known classes: {', '.join(unknown)}")
     index = {name: i for i, name in enumerate(class_names)}
     candidates: list[Sample] = []
-    for name in found:
-        files, walk_errors = walk_files(root / name)
-        candidates += [(p, index[name]) for p in files]
-        errors += walk_errors
-    flags = _check_flags([(p, class_names[y]) for p, y in candidates], manifest, scope=[root],
-                         max_pixels=max_pixels, refresh=refresh, progress=progress)
+    with gc_paused():
+        for name in found:
+            files, walk_errors = walk_files(root / name)
+            candidates += [(p, index[name]) for p in files]
+            errors += walk_errors
+        flags = _check_flags([(p, class_names[y]) for p, y in candidates], manifest, scope=[root],
+                             max_pixels=max_pixels, refresh=refresh, progress=progress)
+        samples = [s for s, e in zip(candidates, flags) if e is None]
     errors = sorted(errors + [e for e in flags if e is not None], key=lambda e: e.path)
     if strict and errors:
         raise DatasetError(f"unreadable image (strict mode): {errors[0]}")
-    samples = [s for s, e in zip(candidates, flags) if e is None]
     counts = [0] * len(class_names)
     for _, y in samples:
         counts[y] += 1

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import hashlib
 import json
 import os
@@ -46,11 +47,26 @@ _SIZE, _MTIME, _LABEL, _W, _H, _MODE, _ERROR = range(7)  # positions in a record
 MANIFEST_NAME = ".animeai-manifest.json"
 LOCATIONS_HELP = "auto | off | PATH"
 
-__all__ = ["FORMAT", "MANIFEST_NAME", "VERSION", "Manifest", "ManifestError", "cache_dir", "open_manifest"]
+__all__ = ["FORMAT", "MANIFEST_NAME", "VERSION", "Manifest", "ManifestError", "cache_dir", "gc_paused",
+           "open_manifest"]
 
 
 class ManifestError(ValueError):
     """A manifest location that cannot be used (an explicit path in a folder that cannot be written)."""
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while a scan allocates a few objects per file (paths, records,
+    tuples: none of them in cycles, all freed by reference counting). With 100,000 files its passes cost about
+    as much as the scan itself, more in a process that already holds a model. Nested uses are fine."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def cache_dir() -> Path:
@@ -215,7 +231,7 @@ class Manifest:
 
         ``scope``: folders that were listed completely; records below them of files not in ``files`` (deleted
         files) are dropped. The manifest is written back when anything changed."""
-        with self._locked():
+        with self._locked(), gc_paused():
             self._refresh()
             entries = self._entries
             changed = False
