@@ -89,15 +89,13 @@ def cache_path(root: str | os.PathLike[str]) -> Path:
 
 
 def _writable_folder(folder: Path) -> bool:
-    """Whether a file can be created in ``folder`` (tried for real: read-only mounts pass ``os.access``)."""
-    probe = folder / f".animeai-write-test-{os.getpid()}"
+    """Whether the manifest's lock file can be opened for writing in ``folder`` (created if missing: it is needed
+    anyway). Tried for real: read-only mounts pass ``os.access``."""
     try:
-        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        fd = os.open(folder / (MANIFEST_NAME + ".lock"), os.O_CREAT | os.O_RDWR, 0o644)
     except OSError:
         return False
     os.close(fd)
-    with contextlib.suppress(OSError):
-        os.unlink(probe)
     return True
 
 
