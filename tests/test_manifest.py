@@ -469,3 +469,14 @@ def test_generator_real_images_skip_a_file_broken_after_validation(tmp_path):
     assert len(ds) == 2 and [e.path for e in ds.skipped] == [paths[1]] and ds.paths == [paths[0], paths[2]]
     with pytest.raises(ImageError, match="empty file"):
         RealImages(paths, 16, label=0, strict=True)
+
+
+def test_file_names_that_are_not_utf8_round_trip(tmp_path, decodes):
+    root = _tree(tmp_path / "chars")
+    odd = Path(os.fsdecode(os.fsencode(root / "akari") + b"/caf\xe9.jpg"))  # Latin-1 bytes: not UTF-8
+    _jpeg(odd)
+    first = scan_folder(root, manifest=open_manifest(root, "auto"))
+    assert odd in [p for p, _ in first.samples]
+    decodes.clear()
+    again = scan_folder(root, manifest=open_manifest(root, "auto"))
+    assert decodes == [] and again.samples == first.samples

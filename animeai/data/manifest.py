@@ -1,7 +1,7 @@
 """The data manifest: every image of a data root is decoded once; later runs reuse what was found.
 
 A manifest lists, per file (path relative to the data root): size, mtime (ns), label, and the result of a full
-decode: ``ok`` with width, height and the file's own mode, or the reason the file is unusable. A run
+decode: width, height and the file's own mode, or the reason the file is unusable. A run
 stats each listed file and decodes only those that are new or changed (size or mtime differs); files gone from
 the scanned folders are dropped. Problems of reaching a file (permission denied, a broken link, an I/O error)
 are never recorded: they can go away without the file changing, so they are checked again on every run.
@@ -189,7 +189,8 @@ class Manifest:
                "files": files}
         tmp = self.path.with_name(f"{self.path.name}.tmp.{os.getpid()}")
         try:
-            with open(tmp, "w", encoding="utf-8") as f:
+            # surrogateescape: file names that are not valid UTF-8 (Linux allows any bytes) round-trip unchanged
+            with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
                 json.dump(doc, f, ensure_ascii=False, separators=(",", ":"))
                 f.write("\n")
                 f.flush()
@@ -360,7 +361,7 @@ def _valid_record(f: Any) -> bool:
 def _read(path: Path, absolute_root: Path, *, check_root: bool) -> tuple[dict[str, list[Any]], str | None]:
     """``(records by relative path, None)``, or ``({}, what is wrong)`` for a file that cannot be trusted."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
             doc = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         return {}, f"cannot be read ({type(exc).__name__}: {exc})"
