@@ -19,6 +19,7 @@ examples:
   animeai train detector --out models/character_classifier.pth --overwrite ...       # start it over
   animeai evaluate --model models/character_classifier.pth --data data/all_characters --out eval.json
   animeai predict --model models/character_classifier.pth picture.jpg more_pictures/
+  animeai data check data/all_characters      # validate once into the manifest; summary of the folder
 """
 
 
@@ -480,6 +481,43 @@ def add_export_parser(sub) -> None:
     p.set_defaults(func=cmd_export)
 
 
+# ------------------------------------------------------------------------------------------------ data
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from animeai.data.check import check_data, print_summary
+
+    summary = check_data(args.dir, manifest=args.manifest, strict=args.strict, refresh=args.refresh,
+                         max_pixels=args.max_image_pixels, progress=not args.no_progress)
+    if args.json:
+        _write_json(summary, None)
+    else:
+        print_summary(summary)
+    return 1 if summary["classes_without_usable_image"] else 0
+
+
+def add_data_parser(sub) -> None:
+    p = sub.add_parser("data", help="data folders: validate once into the manifest (data check)")
+    cmds = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    c = cmds.add_parser(
+        "check", help="build or refresh a data folder's manifest and summarise the folder",
+        description="Decode every image of DIR that is new or changed since the folder's manifest recorded it "
+        "(all of them the first time), update the manifest (later training runs reuse it and decode nothing "
+        "again), and print a summary: classes and counts, skipped files by reason, an image-size histogram. "
+        "Exit status 1 when a class has no usable image, 2 on an error (with --strict: the first unreadable file).")
+    c.add_argument("dir", metavar="DIR", help="<DIR>/<character>/<images> or <DIR>/{train,val}/<character>/<images>")
+    c.add_argument("--strict", action="store_true", help="fail on the first unreadable file instead of listing it")
+    c.add_argument("--refresh", action="store_true", help="decode every file again, whatever the manifest says")
+    c.add_argument("--json", action="store_true", help="print the summary as JSON (every class and skipped file)")
+    c.add_argument("--manifest", default="auto", metavar="auto|off|PATH",
+                   help="where the manifest lives: auto (<DIR>/.animeai-manifest.json, or $ANIMEAI_CACHE/manifests/ "
+                   "when DIR is read-only), off (decode, keep nothing), or the manifest file (default: auto)")
+    c.add_argument("--max-image-pixels", type=int_in(1), default=50_000_000,
+                   help="refuse images with more pixels than this (default: 50000000, as training)")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.set_defaults(func=cmd_data_check)
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -498,7 +536,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_evaluate_generator_parser(sub)
     add_export_parser(sub)
+    add_data_parser(sub)
     return parser
+
+
+def loader_worker_error(exc: BaseException) -> str | None:
+    """The message of an ``ImageError``/``DatasetError`` raised in a DataLoader worker process (e.g. a file that broke
+    after it was validated, in a ``--strict`` run): PyTorch re-raises it in the main process as a ``RuntimeError``
+    whose text is the worker's traceback; its last line names the file and the reason. ``None`` for anything else."""
+    text = str(exc)
+    if not isinstance(exc, RuntimeError) or "in DataLoader worker" not in text:
+        return None
+    for kind in ("ImageError", "DatasetError"):
+        if text.startswith(f"Caught {kind} "):
+            last = [line for line in text.splitlines() if line.strip()][-1]
+            return last.split(f"{kind}: ", 1)[-1] + " (raised while loading a batch)"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -515,6 +568,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetError, CheckpointError, WeightsError, ImageError, RunError, FileNotFoundError,
             FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        message = loader_worker_error(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -105,10 +105,17 @@ class DataConfig(Section):
                                  ge=1)
     num_workers: int = opt(2, "DataLoader worker processes (0 = load in the main process).", flag="loader-workers",
                             ge=0, le=256)
+    manifest: str = opt(
+        "auto", "The data manifest (each image decoded once; later runs decode only new or changed files): auto "
+        "(<data>/.animeai-manifest.json, or $ANIMEAI_CACHE/manifests/ when the data folder is read-only) | off "
+        "(decode every image every run) | PATH of the manifest file.",
+    )
 
     def check(self) -> None:
         if not str(self.root).strip():
             raise FieldError("root", "data", "must name a dataset folder")
+        if not str(self.manifest).strip():
+            raise FieldError("manifest", "manifest", "must be auto, off or the path of a manifest file")
 
 
 @dataclass(frozen=True)
@@ -225,12 +232,19 @@ class GeneratorDataConfig(Section):
                                  ge=1)
     num_workers: int = opt(0, "DataLoader worker processes (the real images are decoded once and kept in memory, so "
                            "0 is usually fastest).", flag="loader-workers", ge=0, le=256)
+    manifest: str = opt(
+        "auto", "The data manifest (each image decoded once; later runs decode only new or changed files): auto "
+        "(<data>/.animeai-manifest.json, or $ANIMEAI_CACHE/manifests/ when the data folder is read-only) | off "
+        "(decode every image every run) | PATH of the manifest file.",
+    )
 
     def check(self) -> None:
         from animeai.models.gan import upsample_plan
 
         if not str(self.root).strip():
             raise FieldError("root", "data", "must name a dataset folder")
+        if not str(self.manifest).strip():
+            raise FieldError("manifest", "manifest", "must be auto, off or the path of a manifest file")
         try:
             upsample_plan(self.image_size)
         except ValueError as exc:

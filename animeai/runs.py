@@ -53,6 +53,7 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "split.json", STATE_DIR, f"{STATE_D
 RESUME_SAFE_KEYS = frozenset({
     "run.epochs", "run.progress", "run.resume", "run.overwrite", "run.cpu", "run.mixed_precision",
     "run.nonfinite", "run.eval_every", "run.save_every", "run.out", "run.run_dir", "data.num_workers", "data.strict",
+    "data.manifest",
 })
 
 

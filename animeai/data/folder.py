@@ -27,6 +27,7 @@ from animeai.data.images import (
     load_image,
     validate_images,
 )
+from animeai.data.manifest import Manifest, gc_paused, open_manifest
 
 Sample = tuple[Path, int]
 
@@ -123,7 +124,7 @@ def walk_files(folder: str | Path) -> tuple[list[Path], list[ImageError]]:
             errors.append(ImageError(current, f"folder not readable: {reason}"))
             continue
         for e in entries:
-            path = Path(e.path)
+            path = current / e.name  # joining one name: several times cheaper than parsing e.path
             try:
                 is_dir = e.is_dir()  # follows links; False for broken links and link loops
                 key = _dir_key(path) if is_dir else None
@@ -176,6 +177,32 @@ def check_not_split_folders(root: str | Path, classes: Sequence[str]) -> None:
     )
 
 
+def check_images(
+    files: Sequence[tuple[Path, str | None]],
+    manifest: Manifest | None,
+    *,
+    scope: Sequence[Path] = (),
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    refresh: bool = False,
+    progress: bool = False,
+) -> tuple[list[Path], list[ImageError]]:
+    """``(usable paths, errors)`` of ``(path, label)`` pairs, in input order: through ``manifest`` (decoding only
+    new or changed files; ``scope``: the folders listed completely) or, without one, by decoding every file."""
+    flags = _check_flags(files, manifest, scope=scope, max_pixels=max_pixels, refresh=refresh, progress=progress)
+    return [p for (p, _), e in zip(files, flags) if e is None], [e for e in flags if e is not None]
+
+
+def _check_flags(files, manifest, *, scope, max_pixels, refresh, progress) -> list[ImageError | None]:
+    """Per file of :func:`check_images`: its ``ImageError``, or ``None`` when usable."""
+    if manifest is None:
+        paths = [p for p, _ in files]
+        _, errors = validate_images(paths, max_pixels=max_pixels)
+        by_path = {e.path: e for e in errors}
+        return [by_path.get(p) for p in paths]
+    results = manifest.update(files, scope=scope, max_pixels=max_pixels, refresh=refresh, progress=progress)
+    return [r if isinstance(r, ImageError) else None for r in results]
+
+
 @dataclass
 class ScanResult:
     class_names: list[str]
@@ -190,11 +217,15 @@ def scan_folder(
     strict: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     require_all_classes: bool = True,
+    manifest: Manifest | None = None,
+    refresh: bool = False,
+    progress: bool = False,
 ) -> ScanResult:
     """List and validate the images of a class-folder tree.
 
     ``class_names`` fixes the label order (e.g. the training classes when scanning validation data);
-    a folder naming an unknown class is then an error.
+    a folder naming an unknown class is then an error. With a ``manifest`` (of ``root`` or a folder above it),
+    only files that are new or changed since it recorded them are decoded (all with ``refresh``).
     """
     root = Path(root)
     found, errors = _classes_and_errors(root)
@@ -207,16 +238,17 @@ def scan_folder(
             raise DatasetError(f"{root}: class folder(s) not among the known classes: {', '.join(unknown)}")
     index = {name: i for i, name in enumerate(class_names)}
     candidates: list[Sample] = []
-    for name in found:
-        files, walk_errors = walk_files(root / name)
-        candidates += [(p, index[name]) for p in files]
-        errors += walk_errors
-    ok, bad_files = validate_images([p for p, _ in candidates], max_pixels=max_pixels)
-    errors = sorted(errors + bad_files, key=lambda e: e.path)
+    with gc_paused():
+        for name in found:
+            files, walk_errors = walk_files(root / name)
+            candidates += [(p, index[name]) for p in files]
+            errors += walk_errors
+        flags = _check_flags([(p, class_names[y]) for p, y in candidates], manifest, scope=[root],
+                             max_pixels=max_pixels, refresh=refresh, progress=progress)
+        samples = [s for s, e in zip(candidates, flags) if e is None]
+    errors = sorted(errors + [e for e in flags if e is not None], key=lambda e: e.path)
     if strict and errors:
         raise DatasetError(f"unreadable image (strict mode): {errors[0]}")
-    good = set(ok)
-    samples = [(p, y) for p, y in candidates if p in good]
     counts = [0] * len(class_names)
     for _, y in samples:
         counts[y] += 1
@@ -275,6 +307,9 @@ def build_splits(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     min_classes: int = 2,
     require_val: bool = True,
+    manifest: str | None = None,
+    refresh: bool = False,
+    progress: bool = False,
 ) -> DataSplits:
     """Scan and split a dataset for training, refusing data that cannot train a classifier.
 
@@ -283,16 +318,25 @@ def build_splits(
     has fewer than ``min_classes`` classes, when ``root`` holds only some of the split folders (``train/``
     without ``val/``, ...), and, with ``require_val``, when no validation image is left (``val_fraction`` 0, or
     every class has a single image).
+
+    ``manifest``: where the data manifest of ``root`` (and of ``val_root``) lives: ``auto``, a file (for ``root``;
+    ``val_root``'s is then ``auto``) or ``off``/``None`` (decode every file): see :mod:`animeai.data.manifest`.
     """
     root = Path(root)
+    root_manifest = open_manifest(root, manifest)
+    val_manifest = None
+    if val_root is not None and root_manifest is not None:
+        val_manifest = open_manifest(val_root, "auto")
+    common = dict(strict=strict, max_pixels=max_pixels, refresh=refresh, progress=progress)
     if val_root is None and has_train_val(root):
+        val_manifest = root_manifest  # one manifest for root/train and root/val
         root, val_root = root / "train", root / "val"
         layout = "train/val folders"
     elif val_root is not None:
         layout = "separate val folder"
     else:
         layout = f"stratified split val_fraction={val_fraction} seed={split_seed}"
-    train_scan = scan_folder(root, strict=strict, max_pixels=max_pixels)
+    train_scan = scan_folder(root, manifest=root_manifest, **common)
     names = train_scan.class_names
     if len(names) < min_classes:
         raise DatasetError(
@@ -303,9 +347,7 @@ def build_splits(
         train, val = stratified_split(train_scan.samples, val_fraction, split_seed)
         skipped = train_scan.errors
     else:
-        val_scan = scan_folder(
-            val_root, names, strict=strict, max_pixels=max_pixels, require_all_classes=False
-        )
+        val_scan = scan_folder(val_root, names, require_all_classes=False, manifest=val_manifest, **common)
         train, val = train_scan.samples, val_scan.samples
         skipped = train_scan.errors + val_scan.errors
     if require_val and not val:
@@ -337,23 +379,50 @@ def report_skipped(errors: Sequence[ImageError], limit: int = 20, stream=sys.std
 
 
 class ImageFolderDataset(Dataset):
-    """(image tensor, label) pairs from validated samples; a file that broke since validation raises
-    ``ImageError`` naming it."""
+    """(image tensor, label) pairs from validated samples.
+
+    A file that broke since it was validated (truncated, deleted, made unreadable after the scan or the manifest
+    recorded it): with ``on_error="raise"`` (strict runs) ``__getitem__`` raises the ``ImageError`` naming it;
+    with ``on_error="skip"`` the file is reported on stderr by path and reason (once per process) and the next
+    usable sample in index order takes its place, so an epoch keeps its length and its batches."""
+
+    MAX_REPLACEMENT_TRIES = 16
 
     def __init__(self, samples: Sequence[Sample], transform: Callable | None, *, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 draft_size: int | None = None):
+                 draft_size: int | None = None, on_error: str = "raise"):
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.samples = list(samples)
         self.transform = transform
         self.max_pixels = max_pixels
         self.draft_size = draft_size
+        self.on_error = on_error
+        self.reported: set[Path] = set()
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int):
+    def _load(self, i: int):
         path, label = self.samples[i]
         img = load_image(path, max_pixels=self.max_pixels, draft_size=self.draft_size)
         return (self.transform(img) if self.transform else img), label
+
+    def __getitem__(self, i: int):
+        if self.on_error == "raise":
+            return self._load(i)
+        first: ImageError | None = None
+        for k in range(min(len(self.samples), self.MAX_REPLACEMENT_TRIES)):
+            j = (i + k) % len(self.samples)
+            try:
+                return self._load(j)
+            except ImageError as exc:
+                first = first or exc
+                if exc.path not in self.reported:
+                    self.reported.add(exc.path)
+                    print(f"skipped {exc} (unreadable since the data was validated; another image takes its place "
+                          "in this epoch; `animeai data check` updates the manifest)", file=sys.stderr, flush=True)
+        raise ImageError(first.path, f"{first.reason} (and the {self.MAX_REPLACEMENT_TRIES - 1} samples after it "
+                         "are unreadable too: the data changed since it was validated)")
 
     @property
     def targets(self) -> list[int]:

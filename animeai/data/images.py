@@ -13,9 +13,10 @@ import stat
 import struct
 import warnings
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -24,9 +25,12 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
     "ImageError",
+    "ImageInfo",
     "access_error",
     "link_loop_error",
     "load_image",
+    "probe_images",
+    "too_large_reason",
     "validate_images",
 ]
 
@@ -49,16 +53,31 @@ _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 
 
 class ImageError(ValueError):
-    """A file that cannot be used as an image; ``str()`` is ``f"{path}: {reason}"``."""
+    """A file that cannot be used as an image; ``str()`` is ``f"{path}: {reason}"``.
 
-    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+    ``access`` marks problems of reaching the file (permission, broken link, missing, I/O) rather than of its
+    content: they may go away without the file changing, so a data manifest never records them.
+    ``size`` is ``(width, height)`` when the header was read (an image refused as too large)."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str, *, access: bool = False,
+                 size: tuple[int, int] | None = None) -> None:
         self.path = Path(path)
         self.reason = reason
+        self.access = access
+        self.size = size
         super().__init__(f"{self.path}: {reason}")
 
-    def __reduce__(self) -> tuple[type[ImageError], tuple[Path, str]]:
-        """Pickle with both constructor arguments (e.g. to cross process boundaries)."""
-        return (type(self), (self.path, self.reason))
+    def __reduce__(self):
+        """Pickle with the constructor arguments (e.g. to cross process boundaries)."""
+        return (type(self), (self.path, self.reason), {"access": self.access, "size": self.size})
+
+
+class ImageInfo(NamedTuple):
+    """What a full decode of a usable image found: its size (after EXIF rotation) and the file's own mode."""
+
+    width: int
+    height: int
+    mode: str
 
 
 def load_image(
@@ -80,15 +99,16 @@ def load_image(
         return _load_image(Path(path), max_pixels, draft_size)
 
 
-def validate_images(
+def probe_images(
     paths: Iterable[str | os.PathLike[str]],
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     num_threads: int | None = None,
-) -> tuple[list[Path], list[ImageError]]:
-    """Fully decode each file in a thread pool and split into (usable paths, errors), both in input order.
-
-    Never raises for a bad file. Decoding runs in parallel because Pillow releases the GIL while decoding.
+    on_done: Callable[[], None] | None = None,
+) -> list[ImageInfo | ImageError]:
+    """Fully decode each file in a thread pool: an :class:`ImageInfo` or the :class:`ImageError` per file, in
+    input order. Never raises for a bad file. ``on_done`` is called (in the calling thread) after each file,
+    e.g. to advance a progress bar. Decoding runs in parallel because Pillow releases the GIL while decoding.
     """
     _check_limits(max_pixels, None)
     if num_threads is None:
@@ -97,23 +117,43 @@ def validate_images(
         raise ValueError(f"num_threads must be >= 1, got {num_threads}")
     path_list = [Path(p) for p in paths]
 
-    def check(path: Path) -> ImageError | None:
+    def check(path: Path) -> ImageInfo | ImageError:
         try:
-            _load_image(path, max_pixels, None).close()
+            img, mode = _decode(path, max_pixels, None)
+            info = ImageInfo(img.width, img.height, mode)
+            img.close()
+            return info
         except ImageError as exc:
             return exc
         except Exception as exc:  # validation must never raise for a bad file
             return ImageError(path, f"unexpected {type(exc).__name__}: {exc}")
-        return None
 
+    results: list[ImageInfo | ImageError] = []
     # One filter change for the whole pool: warnings.catch_warnings is not thread-safe, so workers must not use it.
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with ThreadPoolExecutor(max_workers=num_threads) as pool:
-            results = list(pool.map(check, path_list))
+            for result in pool.map(check, path_list):
+                results.append(result)
+                if on_done is not None:
+                    on_done()
+    return results
 
-    good = [path for path, error in zip(path_list, results) if error is None]
-    errors = [error for error in results if error is not None]
+
+def validate_images(
+    paths: Iterable[str | os.PathLike[str]],
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    num_threads: int | None = None,
+) -> tuple[list[Path], list[ImageError]]:
+    """Fully decode each file (:func:`probe_images`) and split into (usable paths, errors), both in input order.
+
+    Never raises for a bad file.
+    """
+    path_list = [Path(p) for p in paths]
+    results = probe_images(path_list, max_pixels=max_pixels, num_threads=num_threads)
+    good = [path for path, r in zip(path_list, results) if isinstance(r, ImageInfo)]
+    errors = [r for r in results if isinstance(r, ImageError)]
     return good, errors
 
 
@@ -132,9 +172,9 @@ def _check_file(path: Path) -> None:
     except OSError as exc:
         raise access_error(path, exc) from None
     if stat.S_ISDIR(st.st_mode):
-        raise ImageError(path, _folder_reason(path))
+        raise ImageError(path, _folder_reason(path), access=True)
     if not stat.S_ISREG(st.st_mode):
-        raise ImageError(path, "not a regular file")
+        raise ImageError(path, "not a regular file", access=True)
     if st.st_size == 0:
         raise ImageError(path, "empty file (0 bytes)")
 
@@ -161,20 +201,21 @@ def access_error(path: str | os.PathLike[str], exc: OSError) -> ImageError:
     """
     path = Path(path)
     if exc.errno == errno.ELOOP:
-        return ImageError(path, f"symbolic link loop (-> {_link_target(path)})")
-    if isinstance(exc, FileNotFoundError):
-        if _is_symlink(path):
-            return ImageError(path, f"broken symbolic link -> {_link_target(path)}")
-        return ImageError(path, "file not found")
-    if isinstance(exc, PermissionError):
-        return ImageError(path, "permission denied")
-    return ImageError(path, f"cannot access file ({type(exc).__name__}: {exc.strerror or exc})")
+        reason = f"symbolic link loop (-> {_link_target(path)})"
+    elif isinstance(exc, FileNotFoundError):
+        reason = f"broken symbolic link -> {_link_target(path)}" if _is_symlink(path) else "file not found"
+    elif isinstance(exc, PermissionError):
+        reason = "permission denied"
+    else:
+        reason = f"cannot access file ({type(exc).__name__}: {exc.strerror or exc})"
+    return ImageError(path, reason, access=True)
 
 
 def link_loop_error(path: str | os.PathLike[str], ancestor: str | os.PathLike[str]) -> ImageError:
     """A folder link leading back to a folder that encloses it (following it would never end)."""
     path = Path(path)
-    return ImageError(path, f"symbolic link loop (-> {_link_target(path)}, back to the enclosing folder {ancestor})")
+    return ImageError(path, f"symbolic link loop (-> {_link_target(path)}, back to the enclosing folder {ancestor})",
+                      access=True)
 
 
 def _folder_reason(path: Path) -> str:
@@ -191,7 +232,8 @@ def _folder_reason(path: Path) -> str:
     return "a folder, not a regular file"
 
 
-def _too_large_reason(width: int, height: int, max_pixels: int) -> str:
+def too_large_reason(width: int, height: int, max_pixels: int) -> str:
+    """The reason given for an image whose ``width * height`` exceeds ``max_pixels``."""
     return (
         f"image too large: {width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,} "
         "(raise max_pixels to allow it)"
@@ -200,6 +242,11 @@ def _too_large_reason(width: int, height: int, max_pixels: int) -> str:
 
 def _load_image(path: Path, max_pixels: int, draft_size: int | None) -> Image.Image:
     """Implementation of :func:`load_image`, without touching the warning filters."""
+    return _decode(path, max_pixels, draft_size)[0]
+
+
+def _decode(path: Path, max_pixels: int, draft_size: int | None) -> tuple[Image.Image, str]:
+    """The RGB image and the file's own mode; ImageError for anything unusable."""
     _check_file(path)
     try:
         with Image.open(path) as img:
@@ -207,7 +254,7 @@ def _load_image(path: Path, max_pixels: int, draft_size: int | None) -> Image.Im
             if width < 1 or height < 1:
                 raise ImageError(path, f"invalid image size {width}x{height}")
             if width * height > max_pixels:
-                raise ImageError(path, _too_large_reason(width, height, max_pixels))
+                raise ImageError(path, too_large_reason(width, height, max_pixels), size=(width, height))
             if draft_size is not None and img.format == "JPEG":
                 img.draft("RGB", (draft_size, draft_size))
             try:
@@ -215,7 +262,7 @@ def _load_image(path: Path, max_pixels: int, draft_size: int | None) -> Image.Im
                 img.load()
             except _CORRUPT_DATA_ERRORS as exc:
                 raise ImageError(path, f"truncated or corrupt image data ({exc})") from None
-            return _to_rgb(_exif_transpose(img), path)
+            return _to_rgb(_exif_transpose(img), path), img.mode
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

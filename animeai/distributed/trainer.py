@@ -237,6 +237,21 @@ def _absolute_data_paths(cfg: Any) -> Any:
     return with_overrides(cfg, over)
 
 
+def prepare_data(task_name: str, cfg: Any) -> None:
+    """The task's once-per-run data work on the driver (the detector and distillation validate the data into its
+    manifest, so the workers find every image there and decode none up front; bad data fails here, before any
+    worker starts). A driver that does not see the data (it is only on the cluster's nodes) leaves it to the
+    workers: the first one builds the manifest under its lock and the others wait and reuse it."""
+    data = getattr(cfg, "data", None)
+    if data is None:
+        return
+    if not Path(data.root).exists():
+        print(f"data: {data.root} is not visible on this driver; the workers validate it (once, under the "
+              "manifest's lock)", file=sys.stderr)
+        return
+    get_task(task_name)[1].prepare_data(cfg)
+
+
 def ray_logging_config(level: str) -> dict[str, Any]:
     """``logging_config=`` for RunConfig where this Ray has it (Train V2, Ray 2.50+); nothing otherwise."""
     logging_config = getattr(ray.train, "LoggingConfig", None)
@@ -273,7 +288,9 @@ def fit(
     ``cfg.run.out`` and return Ray's result (metrics, checkpoints).
 
     ``synthetic``: arguments of ``make_synthetic_dataset``; each worker then trains on generated data
-    (smoke tests) instead of ``cfg.data.root``."""
+    (smoke tests) instead of ``cfg.data.root``. Otherwise the task's ``prepare_data`` runs here first (the
+    detector and distillation validate the data into its manifest once, with a progress bar, and fail fast on
+    bad data before any worker starts)."""
     if not ray.is_initialized():
         connect()
     if opts.check_resources:
@@ -281,6 +298,7 @@ def fit(
     if synthetic is None and hasattr(cfg, "data"):
         cfg = _absolute_data_paths(cfg)
         check_data([cfg.data.root, getattr(cfg.data, "val_root", None)])
+        prepare_data(task_name, cfg)
     name = opts.name or f"{task_name}-{Path(cfg.run.out).stem}"
     storage = opts.storage_path or str(Path(DEFAULT_STORAGE).absolute())
     name = _fresh_run_name(storage, name, overwrite=getattr(cfg.run, "overwrite", False))

@@ -172,7 +172,9 @@ def sweep(
     if data is not None:
         over["data.root"] = str(Path(data).expanduser().absolute())
     cfg = with_overrides(cfg, over)
-    from animeai.distributed.trainer import DEFAULT_STORAGE
+    from animeai.distributed.trainer import DEFAULT_STORAGE, prepare_data
+
+    prepare_data(spec.task, cfg)  # validate once into the data manifest; the trials then decode nothing up front
 
     storage = storage_path or str(Path(DEFAULT_STORAGE).absolute())
     trial_config = {"task": spec.task, "cfg": to_dict(cfg), "workers_per_trial": workers_per_trial,

@@ -20,6 +20,8 @@ metrics callback. The contract:
    detector's ``split.json``); a task never writes into the run folder from ``setup``.
 8. ``resume_safe_keys`` names task-specific config keys that a resumed run may change (besides the engine's
    :data:`animeai.runs.RESUME_SAFE_KEYS`).
+9. ``prepare_data(cfg)`` (a class method, optional) runs once before the processes of a multi-process run start
+   (the Ray driver calls it): e.g. validate the data into its manifest once, not once per worker.
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ class Task:
         self.schedulers: dict[str, Any] = {}
         self.train_loader = None
         self.val_loader = None
+
+    @classmethod
+    def prepare_data(cls, cfg: Any) -> None:
+        """Work done once per run before its processes start (nothing by default)."""
 
     # --- built by the task -------------------------------------------------------------------
     def setup(self, accelerator) -> None:

@@ -87,7 +87,8 @@ class DetectorTask(Task):
         cfg = self.cfg
         d, a = cfg.data, cfg.augment
         splits = build_splits(d.root, val_root=d.val_root, val_fraction=d.val_fraction, split_seed=d.split_seed,
-                              strict=d.strict, max_pixels=d.max_image_pixels)
+                              strict=d.strict, max_pixels=d.max_image_pixels, manifest=d.manifest,
+                              progress=cfg.run.progress and accelerator.is_main_process)
         self.splits = splits
         if accelerator.is_main_process:
             report_skipped(splits.skipped)
@@ -97,14 +98,15 @@ class DetectorTask(Task):
             raise ValueError(f"{d.root}: no validation images; give a val/ folder or --val-data, or (with "
                              "--val-fraction > 0) at least 2 images per class for the split")
         self.class_names = splits.class_names
+        on_error = "raise" if d.strict else "skip"  # a file broken since validation: as an unreadable file up front
         train_ds = ImageFolderDataset(
             splits.train,
             train_transform(size, mean, std, rotation=a.rotation, hflip=a.hflip,
                             color_jitter=a.color_jitter, crop_scale=a.crop_scale),
-            max_pixels=d.max_image_pixels, draft_size=size,
+            max_pixels=d.max_image_pixels, draft_size=size, on_error=on_error,
         )
         val_ds = ImageFolderDataset(splits.val, eval_transform(size, mean, std),
-                                    max_pixels=d.max_image_pixels, draft_size=size)
+                                    max_pixels=d.max_image_pixels, draft_size=size, on_error=on_error)
         bs = cfg.optim.batch_size
         self.train_sampler = EpochShuffleSampler(len(train_ds), seed=cfg.run.seed)
         common = dict(num_workers=d.num_workers, pin_memory=torch.cuda.is_available(),
@@ -112,6 +114,16 @@ class DetectorTask(Task):
         self.train_loader = DataLoader(train_ds, batch_size=bs, sampler=self.train_sampler,
                                        drop_last=len(train_ds) > bs, **common)
         self.val_loader = DataLoader(val_ds, batch_size=bs, shuffle=False, **common)
+
+    @classmethod
+    def prepare_data(cls, cfg) -> None:
+        """Validate the data into its manifest once, on the Ray driver, before any worker starts (see
+        :meth:`animeai.tasks.base.Task.prepare_data`)."""
+        d = cfg.data
+        if str(d.manifest).strip() == "off":
+            return
+        build_splits(d.root, val_root=d.val_root, val_fraction=d.val_fraction, split_seed=d.split_seed,
+                     strict=d.strict, max_pixels=d.max_image_pixels, manifest=d.manifest, progress=cfg.run.progress)
 
     def run_files(self) -> dict[str, str]:
         s = self.splits

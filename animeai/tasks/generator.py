@@ -43,8 +43,16 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from animeai.checkpoint import CheckpointError, file_sha256, read_metadata
 from animeai.config import ConfigError, GeneratorConfig
-from animeai.data.folder import DatasetError, EpochShuffleSampler, has_train_val, report_skipped, visible_files
-from animeai.data.images import load_image, validate_images
+from animeai.data.folder import (
+    DatasetError,
+    EpochShuffleSampler,
+    check_images,
+    has_train_val,
+    report_skipped,
+    visible_files,
+)
+from animeai.data.images import ImageError, load_image
+from animeai.data.manifest import open_manifest
 from animeai.generation import save_grid
 from animeai.models.gan import (
     create_discriminator,
@@ -136,9 +144,12 @@ def resolve_character(cfg: GeneratorConfig) -> tuple[int, str, list[str]]:
 # ------------------------------------------------------------------------------------------- real images
 
 
-def find_character_images(root: str | Path, character: str, *, strict: bool = False,
-                          max_pixels: int = 50_000_000) -> tuple[list[Path], list, Path]:
-    """``(usable image paths, unreadable-file errors, folder)`` of one character in the detector's data layout."""
+def find_character_images(root: str | Path, character: str, *, strict: bool = False, max_pixels: int = 50_000_000,
+                          manifest: str | None = None, progress: bool = False) -> tuple[list[Path], list, Path]:
+    """``(usable image paths, unreadable-file errors, folder)`` of one character in the detector's data layout.
+
+    ``manifest``: the data manifest of ``root`` (``auto``, a path, ``off``/``None``): only the character's files
+    that are new or changed since it recorded them are decoded."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset folder not found (expected {root}/<character>/<images> or "
@@ -148,7 +159,9 @@ def find_character_images(root: str | Path, character: str, *, strict: bool = Fa
     if not folder.is_dir():
         raise DatasetError(f"character '{character}': no folder {folder} (real images of the character go in "
                            f"<data>/<character>/ or <data>/train/<character>/; --data is {root})")
-    ok, errors = validate_images(visible_files(folder), max_pixels=max_pixels)
+    files = [(p, character) for p in visible_files(folder)]
+    ok, errors = check_images(files, open_manifest(root, manifest), scope=[folder], max_pixels=max_pixels,
+                              progress=progress)
     if strict and errors:
         raise DatasetError(f"unreadable image (strict mode): {errors[0]}")
     if not ok:
@@ -160,17 +173,29 @@ def find_character_images(root: str | Path, character: str, *, strict: bool = Fa
 class RealImages(Dataset):
     """The character's real images, decoded once and kept as uint8 at the generator's size.
 
-    Items are ``(image in [-1, 1], class id)``; a random horizontal flip with probability ``hflip``."""
+    Items are ``(image in [-1, 1], class id)``; a random horizontal flip with probability ``hflip``. A file that
+    broke since it was validated (e.g. after the data manifest recorded it) is left out and listed in ``skipped``
+    (with ``strict``: its ``ImageError`` is raised); none left is a ``DatasetError``."""
 
     def __init__(self, paths: list[Path], image_size: int, label: int, hflip: float = 0.5,
-                 max_pixels: int = 50_000_000):
-        images = []
+                 max_pixels: int = 50_000_000, *, strict: bool = False):
+        images, kept, self.skipped = [], [], []
         for p in paths:
-            img = load_image(p, max_pixels=max_pixels, draft_size=image_size)
+            try:
+                img = load_image(p, max_pixels=max_pixels, draft_size=image_size)
+            except ImageError as exc:
+                if strict:
+                    raise
+                self.skipped.append(exc)
+                continue
             img = img.resize((image_size, image_size), Image.Resampling.BICUBIC, reducing_gap=3.0)
             images.append(pil_to_tensor(img))
+            kept.append(p)
+        if not images:
+            raise DatasetError(f"no usable image among {len(paths)} file(s), first: {self.skipped[0]}" if paths
+                               else "no image files")
         self.images = torch.stack(images)
-        self.paths, self.label, self.hflip = list(paths), int(label), float(hflip)
+        self.paths, self.label, self.hflip = kept, int(label), float(hflip)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -231,9 +256,12 @@ class GeneratorTask(Task):
         self.character = self.class_names[self.class_id]
         d = cfg.data
         paths, errors, folder = find_character_images(d.root, self.character, strict=d.strict,
-                                                      max_pixels=d.max_image_pixels)
+                                                      max_pixels=d.max_image_pixels, manifest=d.manifest,
+                                                      progress=cfg.run.progress and accelerator.is_main_process)
         self.real_folder, self.skipped = folder, errors
-        self.dataset = dataset = RealImages(paths, d.image_size, self.class_id, d.hflip, d.max_image_pixels)
+        self.dataset = dataset = RealImages(paths, d.image_size, self.class_id, d.hflip, d.max_image_pixels,
+                                            strict=d.strict)
+        errors = errors + dataset.skipped  # files broken since the manifest recorded them
         if accelerator.is_main_process:
             report_skipped(errors)
             accelerator.print(f"data: {len(dataset)} real images of '{self.character}' (class {self.class_id}) "
