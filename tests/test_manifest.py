@@ -231,6 +231,20 @@ def test_read_only_root_with_a_manifest_beside_it_is_reused(tmp_path, decodes, m
     assert decodes == []
 
 
+def test_a_folder_whose_mode_grants_no_write_is_left_alone_even_for_root(tmp_path, monkeypatch):
+    """Shared datasets are often ``r-x``: root could still write there, but the manifest goes to the cache."""
+    root = _tree(tmp_path / "chars")
+    monkeypatch.setenv("ANIMEAI_CACHE", str(tmp_path / "cache"))
+    root.chmod(0o555)
+    try:
+        m = open_manifest(root, "auto")
+        scan_folder(root, manifest=m)
+        assert m.path == cache_path(root) and m.path.is_file()
+        assert sorted(p.name for p in root.iterdir()) == ["akari", "botan"]  # nothing written beside the data
+    finally:
+        root.chmod(0o755)
+
+
 def test_explicit_manifest_path_and_a_manifest_of_another_root(tmp_path, decodes, capsys):
     a, b = _tree(tmp_path / "a"), _tree(tmp_path / "b", per_class=1)
     path = tmp_path / "manifests" / "a.json"

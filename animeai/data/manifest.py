@@ -90,8 +90,11 @@ def cache_path(root: str | os.PathLike[str]) -> Path:
 
 def _writable_folder(folder: Path) -> bool:
     """Whether the manifest's lock file can be opened for writing in ``folder`` (created if missing: it is needed
-    anyway). Tried for real: read-only mounts pass ``os.access``."""
+    anyway). Tried for real: read-only mounts pass ``os.access``. A folder whose mode grants nobody write
+    permission (``r-x``: a shared, read-only dataset) counts as read-only even for root, who could write it."""
     try:
+        if folder.stat().st_mode & 0o222 == 0:
+            return False
         fd = os.open(folder / (MANIFEST_NAME + ".lock"), os.O_CREAT | os.O_RDWR, 0o644)
     except OSError:
         return False
