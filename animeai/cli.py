@@ -210,12 +210,12 @@ def cmd_synth(args: argparse.Namespace) -> int:
     try:  # the limits and the existing-output rule live in make_synthetic_dataset; errors name flag or path
         names = make_synthetic_dataset(args.out, num_classes=args.num_classes,
                                        images_per_class=args.images_per_class, image_size=args.image_size,
-                                       seed=args.seed, val_fraction=args.val_fraction)
+                                       seed=args.seed, val_fraction=args.val_fraction, captions=args.captions)
     except (ValueError, OSError) as exc:  # OSError: a file in the way, no permission, ... (names the path)
         print(f"error: synth: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {len(names)} synthetic characters x {args.images_per_class} images to {args.out}: "
-          f"{', '.join(names)}", file=sys.stderr)
+    print(f"wrote {len(names)} synthetic characters x {args.images_per_class} images"
+          f"{' with tag captions' if args.captions else ''} to {args.out}: {', '.join(names)}", file=sys.stderr)
     return 0
 
 
@@ -235,6 +235,10 @@ def add_utility_parsers(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="variation seed (default: 0)")
     p.add_argument("--val-fraction", type=float, default=0.0,
                    help="in [0, 1); if > 0, write <out>/train and <out>/val (default: 0)")
+    p.add_argument("--captions", action="store_true",
+                   help="also write noisy Danbooru-style tags beside each image (<image>.txt; some images get none) "
+                   "for fusion; characters then come in groups of six: two look alike (only a non-visual tag tells "
+                   "them apart), two share their tags (only the image tells them apart), two are distinct")
     p.set_defaults(func=cmd_synth)
 
 

@@ -35,6 +35,16 @@ class DatasetError(ValueError):
     """A dataset folder that cannot be used (missing, empty, inconsistent classes)."""
 
 
+CAPTION_SUFFIX = ".txt"
+CAPTIONS_FILE = "captions.jsonl"
+"""Texts beside the images (fusion, :mod:`animeai.data.captions`): ``x.txt`` next to ``x.jpg``, ``captions.jsonl``.
+They are not images: folder scans leave them out instead of reporting them as unreadable."""
+
+
+def is_caption_file(path: Path) -> bool:
+    return path.suffix.lower() == CAPTION_SUFFIX or path.name == CAPTIONS_FILE
+
+
 SPLIT_FOLDER_NAMES: frozenset[str] = frozenset({"train", "val", "validation", "valid", "test"})
 """Folder names (compared case-insensitively) that mark a train/val layout; never read as character classes."""
 
@@ -209,7 +219,7 @@ def scan_folder(
     candidates: list[Sample] = []
     for name in found:
         files, walk_errors = walk_files(root / name)
-        candidates += [(p, index[name]) for p in files]
+        candidates += [(p, index[name]) for p in files if not is_caption_file(p)]
         errors += walk_errors
     ok, bad_files = validate_images([p for p, _ in candidates], max_pixels=max_pixels)
     errors = sorted(errors + bad_files, key=lambda e: e.path)
