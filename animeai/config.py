@@ -460,6 +460,9 @@ class FusionHeadConfig(Section):
                               ge=0, le=1)
     freeze_image: bool = opt(False, "Keep the whole image encoder fixed (weights and batch-norm statistics); "
                              "--freeze-stages freezes only its first stages.", flag="freeze-image")
+    inputs: str = opt("both", "What the model reads: both (fusion) | image | text. image / text train the same "
+                      "model on one modality only (every text removed / the image encoder skipped): the baselines "
+                      "fusion is compared with.", flag="fusion-inputs", choices=("both", "image", "text"))
 
 
 @dataclass(frozen=True)

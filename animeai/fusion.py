@@ -38,7 +38,7 @@ KIND = "fusion"
 
 def _check_fusion(meta: dict[str, Any], tensors: dict[str, torch.Tensor] | None) -> None:
     from animeai.checkpoint import _check_classifier  # the image side is a classifier's
-    from animeai.models.fusion import FUSION_TYPES
+    from animeai.models.fusion import FUSION_TYPES, INPUTS
 
     _check_classifier(meta, tensors)
     expect_dict(meta, "text", required=True)
@@ -61,6 +61,8 @@ def _check_fusion(meta: dict[str, Any], tensors: dict[str, torch.Tensor] | None)
     f = meta["fusion"]
     if f.get("type") not in FUSION_TYPES:
         raise MetadataError("fusion.type", f"must be one of {', '.join(FUSION_TYPES)}, got {f.get('type')!r}")
+    if f.get("inputs", "both") not in INPUTS:
+        raise MetadataError("fusion.inputs", f"must be one of {', '.join(INPUTS)}, got {f.get('inputs')!r}")
     try:
         expect_int(f, "hidden", required=True, lo=1, hi=1 << 16)
     except MetadataError as exc:
@@ -93,7 +95,7 @@ def build_fusion_model(meta: dict[str, Any], origin: str):
                               f"encoder's config gives {encoder.dim}")
     f = meta["fusion"]
     model = FusionModel(image, encoder, len(meta["class_names"]), fusion=f["type"], hidden=f["hidden"],
-                        dropout=float(f.get("dropout", 0.0)))
+                        dropout=float(f.get("dropout", 0.0)), inputs=f.get("inputs", "both"))
     return model, tokenizer
 
 

@@ -7,9 +7,10 @@ mean-pooled BERT vector live on different scales), then:
 * ``gated``: a gated multimodal unit (Arevalo et al. 2017): ``z * tanh(W_i image) + (1 - z) * tanh(W_t text)``
   with ``z = sigmoid(W_z [image, text])`` per hidden unit -> Dropout -> Linear.
 
-An image without text gets a learned "no text" vector in place of its text features (``has_text`` False); the
-text encoder is then not run at all. Training removes texts at random (modality dropout, the task's
-``--text-dropout``), so the same model serves images with and without text.
+An image without text gets a learned "no text" vector in place of its text features (``has_text`` False); given no
+texts at all, the text encoder is not run. Training removes texts at random (modality dropout, the task's
+``--text-dropout``), so the same model serves images with and without text. ``inputs`` = ``image`` / ``text`` makes
+the same model a single-modality baseline (every text removed / the image encoder not run).
 """
 
 from __future__ import annotations
@@ -20,15 +21,18 @@ import torch.nn as nn
 from animeai.models.text import TextEncoder
 
 FUSION_TYPES = ("concat", "gated")
+INPUTS = ("both", "image", "text")
 
 
 class FusionModel(nn.Module):
     def __init__(self, image: nn.Module, text: TextEncoder, num_classes: int, fusion: str = "concat",
-                 hidden: int = 256, dropout: float = 0.2):
+                 hidden: int = 256, dropout: float = 0.2, inputs: str = "both"):
         super().__init__()
         if fusion not in FUSION_TYPES:
             raise ValueError(f"unknown fusion {fusion!r}; use one of {', '.join(FUSION_TYPES)}")
-        self.fusion = fusion
+        if inputs not in INPUTS:
+            raise ValueError(f"unknown inputs {inputs!r}; use one of {', '.join(INPUTS)}")
+        self.fusion, self.inputs = fusion, inputs
         self.image = image  # a timm backbone whose classifier is removed: forward -> pooled features
         self.text = text
         di, dt = int(image.num_features), int(text.dim)
@@ -47,6 +51,8 @@ class FusionModel(nn.Module):
         nn.init.zeros_(self.classifier.bias)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        if self.inputs == "text":  # the text-only baseline: the image encoder is not run
+            return self.image_norm(images.new_zeros((images.shape[0], self.image_norm.normalized_shape[0])))
         return self.image_norm(self.image(images))
 
     def text_features(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
@@ -58,6 +64,8 @@ class FusionModel(nn.Module):
         missing = self.missing_text.unsqueeze(0).expand(n, -1)
         if input_ids is None or has_text is None:
             return missing
+        if self.inputs == "image":  # the image-only baseline: every text removed
+            has_text = torch.zeros_like(has_text)
         feats = self.text_norm(self.text(input_ids, attention_mask).to(missing.dtype))
         return torch.where(has_text.unsqueeze(1), feats, missing)
 

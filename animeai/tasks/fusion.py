@@ -56,7 +56,7 @@ class FusionTask(DetectorTask):
         # Both encoders' weights first: a source that cannot deliver fails before any image is decoded.
         image, spec = self.build_backbone()
         image.reset_classifier(0)  # the backbone now returns pooled features
-        if cfg.fusion.freeze_image:
+        if cfg.fusion.freeze_image or cfg.fusion.inputs == "text":  # a text-only baseline never runs the image side
             image.requires_grad_(False)
             image.eval()
             image.animeai_frozen = [image]
@@ -68,12 +68,13 @@ class FusionTask(DetectorTask):
             image = image.to(memory_format=torch.channels_last)
         f = cfg.fusion
         model = FusionModel(image, self.text.encoder, len(self.class_names), fusion=f.type, hidden=f.hidden,
-                            dropout=f.dropout)
+                            dropout=f.dropout, inputs=f.inputs)
         if accelerator.is_main_process:
             frozen = ", frozen" if f.freeze_image else ""
             accelerator.print(f"fusion: image {cfg.model.arch} ({self.pretrained_source}{frozen}) + text "
                               f"{self.text.name} ({self.text.source}, {self.text.encoder.dim}-d, "
-                              f"{'frozen' if cfg.text.freeze else 'trained'}) -> {f.type}")
+                              f"{'frozen' if cfg.text.freeze else 'trained'}) -> {f.type}"
+                              + ("" if f.inputs == "both" else f"; inputs: {f.inputs} only (a baseline)"))
         self.models = {"model": model}
         self.optimizers = {"model": self.make_optimizer(model)}
 
@@ -207,7 +208,7 @@ class FusionTask(DetectorTask):
                 "preprocess": PREPROCESS, "frozen": bool(c.text.freeze),
             },
             "fusion": {"type": c.fusion.type, "hidden": c.fusion.hidden, "dropout": c.fusion.dropout,
-                       "text_dropout": c.fusion.text_dropout},
+                       "text_dropout": c.fusion.text_dropout, "inputs": c.fusion.inputs},
             "captions": self.caption_stats,
         }
         return model.state_dict(), meta
