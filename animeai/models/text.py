@@ -351,7 +351,7 @@ def load_text_encoder(name: str, pretrained: str = "auto", max_length: int = 64,
     source = resolve_text_source(name, pretrained)
     spec = get_text_encoder_spec(name)
     if source in ("package", "hub", "none"):
-        if source == "package" and spec is None:
+        if source == "package" and (spec is None or spec.package is None):
             raise TextWeightsError(f"text encoder {name!r} has no offline package (registered encoders: "
                                    f"{', '.join(list_text_encoders())}). {how_to_supply(name)}")
         load = source != "none"
