@@ -184,11 +184,11 @@ def main(argv=None) -> int:
     print_table(["model", "val top-1", "no text", "last epoch", "best ep", "img twins", "txt twins", "distinct",
                  "train s"], rows, title=title)
     crow = []
+    sizes = sorted({args.image_size, 224})
     for bs in (1, 32):
         c = cost[f"bs{bs}"]
         crow.append([bs, f"{c['tokenize_ms_per_image']:.3f}", f"{c['encoder_ms_per_image']:.2f}",
-                     *(f"{v:.2f}" for k, v in sorted(c.items()) if k.startswith("image_encoder"))])
-    sizes = sorted({args.image_size, 224})
+                     *(f"{c[f'image_encoder_{s}px_ms_per_image']:.2f}" for s in sizes)])
     print_table(["batch", "tokenize ms/img", f"{args.text_encoder} ms/img",
                  *(f"{args.model} {s}px ms/img" for s in sizes)], crow,
                 title=f"\nCPU cost per image (mean {cost['mean_tokens']:.1f} tokens per text)")
