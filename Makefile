@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # torch/torchvision are installed first, pinned to the release this project is tested with.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-EXTRAS ?= dev,ray,online,serve,export
+EXTRAS ?= dev,ray,online,serve,export,fusion
 DEMO_DATA ?= data/demo_characters
 DEMO_MODEL ?= models/demo_classifier.pth
 
@@ -65,4 +65,5 @@ lint: install
 
 clean:
 	rm -rf runs models/demo_classifier.pth models/demo_ray_classifier.pth models/demo_generator_akari.pth \
-	    models/demo_updated.pth models/generators $(DEMO_DATA) data/demo_new data/demo_feature_db generated_images .pytest_cache
+	    models/demo_updated.pth models/generators $(DEMO_DATA) data/demo_new data/demo_feature_db generated_images .pytest_cache \
+	    models/demo_fusion.pth data/demo_captioned

@@ -371,3 +371,28 @@ def test_every_fusion_option_has_a_flag_with_help(capsys):
     text = capsys.readouterr().out
     for dotted, f, _ in iter_leaves(FusionConfig):
         assert f"--{flag_name(dotted, f)}" in text, dotted
+
+
+def test_resume_continues_a_fusion_run(tmp_path):
+    root = tmp_path / "chars"
+    make_synthetic_dataset(root, num_classes=2, images_per_class=6, image_size=32, val_fraction=0.34, captions=True)
+    out = tmp_path / "f.pth"
+    small = {"data.image_size": 32, "run.epochs": 1, "optim.batch_size": 4}
+    train(cfg := _cfg(root, out, **small), FusionTask(cfg))
+    resumed = _cfg(root, out, **{**small, "run.epochs": 2, "run.resume": True})
+    result = train(resumed, FusionTask(resumed))
+    assert [h["epoch"] for h in result.history] == [2]
+    lines = (out.parent / f"run_{out.stem}" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
+
+
+def test_ray_job_command_line_for_fusion(capsys):
+    from animeai.distributed.jobs import build_train_parser
+
+    parser = build_train_parser("fusion")
+    args = parser.parse_args(["--smoke-test", "--num-workers", "2", "--text-encoder", "all-minilm-l6-v2",
+                              "--text-dropout", "0.5", "--fusion", "gated"])
+    assert (getattr(args, "text.encoder"), getattr(args, "fusion.text_dropout"), getattr(args, "fusion.type")) == \
+        ("all-minilm-l6-v2", 0.5, "gated")
+    assert "jobs/multimodal_fusion.py" in parser.format_help()
+    assert Path(__file__).resolve().parents[1].joinpath("jobs", "multimodal_fusion.py").is_file()
