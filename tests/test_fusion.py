@@ -206,6 +206,32 @@ def test_forward_with_and_without_text(minilm, fusion):
     assert not torch.allclose(with_text[0], image_only[0])
 
 
+@pytest.mark.parametrize("fusion, inputs, train_text", [
+    ("concat", "both", False), ("gated", "both", True), ("concat", "image", False), ("concat", "text", True)])
+def test_every_trained_parameter_gets_a_gradient(minilm, fusion, inputs, train_text):
+    """What DDP needs (no unused trained parameters), also for a batch whose texts were all removed."""
+    import copy
+
+    from animeai.models import create_model
+    from animeai.models.fusion import FusionModel
+
+    image = create_model("efficientnet_lite0", 2, pretrained="none")
+    image.reset_classifier(0)
+    if inputs == "text":
+        image.requires_grad_(False)  # what the task does for the text-only baseline
+    text = copy.deepcopy(minilm.encoder)
+    text.set_frozen(not train_text)
+    model = FusionModel(image, text, num_classes=3, fusion=fusion, hidden=16, inputs=inputs).train()
+    tok = minilm.tokenizer(["pink_hair", "witch"])
+    for has in ([True, False], [False, False]):
+        model.zero_grad(set_to_none=True)
+        logits = model(torch.randn(2, 3, 32, 32), tok["input_ids"], tok["attention_mask"], torch.tensor(has))
+        logits.sum().backward()
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        assert not missing, missing[:5]
+    assert any(p.requires_grad for p in model.text.parameters()) == train_text
+
+
 # ------------------------------------------------------------------------------------------ training
 
 DATA = {"num_classes": 4, "images_per_class": 24, "image_size": SIZE, "seed": 0, "val_fraction": 1 / 3}

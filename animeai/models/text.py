@@ -196,6 +196,9 @@ class TextEncoder(nn.Module):
     def set_frozen(self, frozen: bool) -> None:
         self.frozen = bool(frozen)
         self.model.requires_grad_(not self.frozen)
+        pooler = getattr(self.model, "pooler", None)
+        if pooler is not None:  # BERT's [CLS] pooler is not used (mean pooling): never trained (DDP needs every
+            pooler.requires_grad_(False)  # trained parameter to take part in the loss)
         if self.frozen:
             self.model.eval()
 

@@ -62,6 +62,9 @@ class FusionTask(DetectorTask):
             image.animeai_frozen = [image]
         self.text = load_text_encoder(cfg.text.encoder, cfg.text.pretrained, cfg.text.max_length,
                                       frozen=cfg.text.freeze)
+        if self.text.source.startswith("none") and cfg.text.freeze and accelerator.is_main_process:
+            accelerator.print("note: --text-pretrained none with a frozen text encoder: its random weights stay random "
+                              "(add --no-freeze-text to train them)")
         self.mean, self.std = spec.mean, spec.std
         self.build_data(accelerator, cfg.data.image_size, spec.mean, spec.std)
         if cfg.model.channels_last:
