@@ -451,7 +451,7 @@ class TextConfig(Section):
 @dataclass(frozen=True)
 class FusionHeadConfig(Section):
     type: str = opt("concat", "How image and text features meet: concat (concatenation + MLP) | gated (a gated "
-                    "multimodal unit: a learned per-feature mix of the two projections, then the MLP).",
+                    "multimodal unit: a learned per-unit mix of the two tanh projections, then the classifier).",
                     flag="fusion", choices=("concat", "gated"))
     hidden: int = opt(256, "Width of the fusion MLP's hidden layer.", flag="fusion-hidden", ge=1, le=16384)
     dropout: float = opt(0.2, "Dropout in the fusion MLP.", flag="fusion-dropout", ge=0, lt=1)
