@@ -329,6 +329,8 @@ def test_predict_text_edge_cases(trained, capsys):
     assert main(["predict", "--model", str(path), str(image), "--text", "  "]) == 0
     cap = capsys.readouterr()
     assert json.loads(cap.out)[0]["text"] is None and "empty text" in cap.err
+    assert main(["predict", "--model", str(path), str(image), str(image), "--text", "idol", "--text", "witch"]) == 0
+    assert [r["text"] for r in json.loads(capsys.readouterr().out)] == ["idol", "witch"]  # one image, two texts
     assert main(["predict", "--model", str(path), str(image), str(image), "--text", "a", "--text", "b",
                  "--text", "c"]) == 2
     assert "3 --text values for 2 images" in capsys.readouterr().err

@@ -134,8 +134,8 @@ def read_captions(images: Sequence[Path], folders: Sequence[Path] = (), *, check
     for d in dirs.values():
         if (d / CAPTIONS_FILE).is_file():
             read_jsonl(d / CAPTIONS_FILE, caps, known)
-    for image in images:
-        txt = Path(image).with_suffix(CAPTION_SUFFIX)
+    for image in {_key(p): Path(p) for p in images}.values():  # an image given twice has one sidecar
+        txt = image.with_suffix(CAPTION_SUFFIX)
         if txt.is_file():
             _add(caps, Path(image), _read_text_file(txt), str(txt), known)
     for d in dirs.values() if check_orphans else ():  # sidecars whose image does not exist
