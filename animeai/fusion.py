@@ -72,8 +72,9 @@ def _check_fusion(meta: dict[str, Any], tensors: dict[str, torch.Tensor] | None)
 register_metadata_schema(KIND, _check_fusion)
 
 
-def build_fusion_model(meta: dict[str, Any], origin: str):
-    """The (randomly initialised) fusion model and its tokenizer, as a file's metadata describes them."""
+def build_fusion_model(meta: dict[str, Any], origin: str, tensors: dict[str, torch.Tensor] | None = None):
+    """The (randomly initialised) fusion model and its tokenizer, as a file's metadata describes them (with
+    ``tensors``, the text encoder's config must fit its weights before the encoder is built)."""
     from animeai.models import create_model, get_model_spec
     from animeai.models.fusion import FusionModel
     from animeai.models.text import TextEncoder, TextTokenizer, TextWeightsError, model_from_config
@@ -86,10 +87,16 @@ def build_fusion_model(meta: dict[str, Any], origin: str):
     image.reset_classifier(0)
     t = meta["text"]
     try:
-        encoder = TextEncoder(model_from_config(t["config"], origin), frozen=True)
-        tokenizer = TextTokenizer(t["tokenizer"], t["max_length"])
+        prefix = "text.model."
+        shapes = None if tensors is None else {k[len(prefix):]: tuple(v.shape) for k, v in tensors.items()
+                                               if k.startswith(prefix)}
+        encoder = TextEncoder(model_from_config(t["config"], "text.config", shapes), frozen=True)
     except TextWeightsError as exc:
-        raise CheckpointError(f"{origin}: invalid model file metadata: field 'text': {exc}") from None
+        raise CheckpointError(f"{origin}: invalid model file metadata: {exc}") from None
+    try:
+        tokenizer = TextTokenizer(t["tokenizer"], t["max_length"])
+    except (TextWeightsError, ValueError) as exc:
+        raise CheckpointError(f"{origin}: invalid model file metadata: field 'text.tokenizer': {exc}") from None
     if encoder.dim != t["dim"]:
         raise CheckpointError(f"{origin}: invalid model file metadata: field 'text.dim' is {t['dim']} but the "
                               f"encoder's config gives {encoder.dim}")
@@ -119,7 +126,7 @@ class FusionClassifier:
 
         dev = pick_device(device)
         tensors, meta = read_model_file(path, kind=KIND)
-        model, tokenizer = build_fusion_model(meta, str(path))
+        model, tokenizer = build_fusion_model(meta, str(path), tensors)
         try:
             model.load_state_dict(tensors, strict=True)
         except RuntimeError as exc:

@@ -345,6 +345,10 @@ def test_tampered_fusion_files_are_refused(trained, tmp_path):
 
     with pytest.raises(CheckpointError, match="custom code"):
         FusionClassifier.from_file(tmp_path / "evil.pth")
+    huge = {**meta, "text": {**meta["text"], "config": {**meta["text"]["config"], "hidden_size": 384 * 4096}}}
+    save_model_file(tmp_path / "huge.pth", tensors, huge)
+    with pytest.raises(CheckpointError, match="config does not fit its weights"):
+        FusionClassifier.from_file(tmp_path / "huge.pth")  # refused before any allocation
     no_text = {k: v for k, v in meta.items() if k != "text"}
     save_model_file(tmp_path / "no_text.pth", tensors, no_text)
     with pytest.raises(CheckpointError, match="field 'text' is missing"):

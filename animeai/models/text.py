@@ -262,11 +262,31 @@ def config_from_dict(config_dict: dict[str, Any], origin: str):
                                f"({str(exc).splitlines()[0]})") from None
 
 
-def model_from_config(config_dict: dict[str, Any], origin: str) -> nn.Module:
-    """The encoder architecture, randomly initialised (weights are loaded by the caller)."""
+def model_from_config(config_dict: dict[str, Any], origin: str, expect_shapes: dict[str, tuple] | None = None
+                      ) -> nn.Module:
+    """The encoder architecture, randomly initialised (weights are loaded by the caller).
+
+    ``expect_shapes`` (the weights about to be loaded, name -> shape): the architecture is first built on the
+    ``meta`` device (no memory) and must have exactly these tensors, so a config that does not fit the weights
+    (or asks for an absurd size) fails before anything is allocated."""
     from transformers import AutoModel
 
-    return AutoModel.from_config(config_from_dict(config_dict, origin))
+    config = config_from_dict(config_dict, origin)
+    try:
+        if expect_shapes is not None:
+            with torch.device("meta"):
+                probe = AutoModel.from_config(config)
+            shapes = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
+            if shapes != expect_shapes:
+                bad = sorted(set(shapes) ^ set(expect_shapes)) or [k for k in shapes if shapes[k] != expect_shapes[k]]
+                raise TextWeightsError(f"{origin}: the text encoder's config does not fit its weights ({len(bad)} "
+                                       f"tensors missing, extra or of another shape; first: {', '.join(bad[:3])})")
+        return AutoModel.from_config(config)
+    except TextWeightsError:
+        raise
+    except (ValueError, TypeError, AttributeError, RuntimeError) as exc:
+        raise TextWeightsError(f"{origin}: the text encoder's config cannot be built ({str(exc).splitlines()[0]})") \
+            from None
 
 
 def _folder_tokenizer_json(folder: Path, origin: str) -> str:

@@ -48,6 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3, help="default: %(default)s")
     p.add_argument("--seed", type=int, default=0, help="run seed (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=7, help="timed repeats per cost measurement (default: %(default)s)")
+    p.add_argument("--cost-only", action="store_true", help="measure only the per-image CPU cost (no training)")
     p.add_argument("--work-dir", type=Path, default=None, help="where data, models and runs go (default: a temp "
                    "folder)")
     args = p.parse_args(argv)
@@ -158,6 +159,11 @@ def main(argv=None) -> int:
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="bench-fusion-"))
     work.mkdir(parents=True, exist_ok=True)
     data, plan = make_data(args, work)
+    if args.cost_only:
+        cost = text_cost(args, data, args.repeats)
+        print(json.dumps(cost, indent=1))
+        write_json(args.out, NAME, {k: str(v) for k, v in vars(args).items()}, {"text_cost": cost}, machine_info())
+        return 0
     runs = [train_one(args, data, work, "image", "concat"), train_one(args, data, work, "text", "concat")]
     runs += [train_one(args, data, work, "both", f) for f in args.fusions.split(",")]
     for r in runs:
