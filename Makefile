@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # torch/torchvision are installed first, pinned to the release this project is tested with.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-EXTRAS ?= dev,ray,online,serve,export
+EXTRAS ?= dev,ray,online,serve,export,fusion
 DEMO_DATA ?= data/demo_characters
 DEMO_MODEL ?= models/demo_classifier.pth
 
@@ -41,13 +41,24 @@ demo: install
 	    data/demo_new/hana/hana_0001.jpg data/demo_new/hana/hana_0002.jpg data/demo_new/hana/hana_0003.jpg \
 	    data/demo_new/hana/hana_0004.jpg data/demo_new/hana/hana_0005.jpg
 	$(BIN)/animeai predict --model models/demo_updated.pth --top-k 2 data/demo_new/hana/hana_0011.jpg data/demo_new/hana/hana_0012.jpg
+	@echo "== fusion: image + tags (captioned characters; offline MiniLM text encoder; image encoder frozen, 64 px)"
+	@test -d data/demo_captioned || $(BIN)/animeai synth data/demo_captioned --num-classes 4 --images-per-class 24 \
+	    --image-size 64 --val-fraction 0.25 --captions
+	$(BIN)/animeai train fusion --data data/demo_captioned --image-size 64 --model efficientnet_lite0 --pretrained package \
+	    --freeze-image --text-encoder all-minilm-l6-v2 --text-pretrained package --epochs 8 --lr 3e-3 --batch-size 16 \
+	    --loader-workers 0 --no-progress --out models/demo_fusion.pth --overwrite
+	@echo "== the same picture of 'akari' (her look-alike 'botan' differs only by a tag) with two texts"
+	$(BIN)/animeai predict --model models/demo_fusion.pth --top-k 2 --text "purple_hair, glasses, idol" \
+	    --text "purple_hair, glasses, swordswoman" data/demo_captioned/val/akari/akari_0019.jpg \
+	    data/demo_captioned/val/akari/akari_0019.jpg
 	@echo
 	@echo "demo done: model $(DEMO_MODEL); run folder runs/demo_classifier/ (config.yaml, metrics.jsonl, split.json);"
 	@echo "evaluation runs/demo_classifier/eval.json + eval_confusion.png;"
 	@echo "Ray Train (2 workers, local Ray): models/demo_ray_classifier.pth, checkpoints under runs/ray/;"
 	@echo "generator: models/demo_generator_akari.pth, sample grids generated_images/akari/samples_epoch_X.png,"
 	@echo "  generated_images/demo_akari_grid.png; per-character generators on Ray: see the summary table above;"
-	@echo "online learning: data/demo_feature_db (FAISS), models/demo_updated.pth (7 classes)"
+	@echo "online learning: data/demo_feature_db (FAISS), models/demo_updated.pth (7 classes);"
+	@echo "fusion: models/demo_fusion.pth (image + tags), run folder runs/demo_fusion/"
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -65,4 +76,5 @@ lint: install
 
 clean:
 	rm -rf runs models/demo_classifier.pth models/demo_ray_classifier.pth models/demo_generator_akari.pth \
-	    models/demo_updated.pth models/generators $(DEMO_DATA) data/demo_new data/demo_feature_db generated_images .pytest_cache
+	    models/demo_updated.pth models/generators $(DEMO_DATA) data/demo_new data/demo_feature_db generated_images .pytest_cache \
+	    models/demo_fusion.pth data/demo_captioned

@@ -107,7 +107,7 @@ Validator = Callable[[dict[str, Any], "dict[str, torch.Tensor] | None"], None]
 _SCHEMAS: dict[str, Validator] = {}
 # Kinds whose schema lives with their capability: imported on first use, so every reader (``animeai info`` too)
 # checks them without importing every capability up front.
-_SCHEMA_MODULES: dict[str, str] = {"generator": "animeai.generation"}
+_SCHEMA_MODULES: dict[str, str] = {"generator": "animeai.generation", "fusion": "animeai.fusion"}
 
 
 def register_metadata_schema(kind: str, validator: Validator) -> None:

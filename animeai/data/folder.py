@@ -36,6 +36,16 @@ class DatasetError(ValueError):
     """A dataset folder that cannot be used (missing, empty, inconsistent classes)."""
 
 
+CAPTION_SUFFIX = ".txt"
+CAPTIONS_FILE = "captions.jsonl"
+"""Texts beside the images (fusion, :mod:`animeai.data.captions`): ``x.txt`` next to ``x.jpg``, ``captions.jsonl``.
+They are not images: folder scans leave them out instead of reporting them as unreadable."""
+
+
+def is_caption_file(path: Path) -> bool:
+    return path.suffix.lower() == CAPTION_SUFFIX or path.name == CAPTIONS_FILE
+
+
 SPLIT_FOLDER_NAMES: frozenset[str] = frozenset({"train", "val", "validation", "valid", "test"})
 """Folder names (compared case-insensitively) that mark a train/val layout; never read as character classes."""
 
@@ -241,7 +251,7 @@ def scan_folder(
     with gc_paused():
         for name in found:
             files, walk_errors = walk_files(root / name)
-            candidates += [(p, index[name]) for p in files]
+            candidates += [(p, index[name]) for p in files if not is_caption_file(p)]
             errors += walk_errors
         flags = _check_flags([(p, class_names[y]) for p, y in candidates], manifest, scope=[root],
                              max_pixels=max_pixels, refresh=refresh, progress=progress)

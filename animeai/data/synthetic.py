@@ -6,6 +6,12 @@ and mouth. The result is a small, learnable but non-trivial classification task 
 
     python -m animeai.data.synthetic data/synthetic --num-classes 6 --images-per-class 40 --val-fraction 0.2
 
+With ``captions=True`` (``animeai synth --captions``) every image also gets Danbooru-style attribute tags in a
+sidecar ``<name>_0001.txt`` (for fusion), with realistic noise, and the characters come in designed groups of six:
+two *image twins* (drawn identically; only a non-visual tag such as ``idol`` or ``witch`` tells them apart), two
+*text twins* (the same tags, told apart only by what the tags do not describe: hair style, face shape, skin), and
+two distinct characters. See :func:`caption_plan`.
+
 Layout: ``<out>/<name>/<name>_0001.jpg`` or, with ``val_fraction > 0``, ``<out>/train/<name>/...`` and
 ``<out>/val/<name>/...`` (validation images continue the numbering, so file names are unique per class).
 """
@@ -488,6 +494,108 @@ def render_character(spec: CharacterSpec, rng: random.Random, image_size: int = 
     return canvas
 
 
+# ------------------------------------------------------------------------------------------ captions
+
+# Non-visual "character tags": what an image cannot show (role, job, club). One per built-in character.
+LORE_TAGS: tuple[str, ...] = (
+    "idol", "swordswoman", "shrine_maiden", "student_council", "detective", "pianist", "witch", "pilot", "baker",
+    "archer", "ninja", "astronomer", "librarian", "gardener", "knight", "painter", "sailor", "chef", "dancer",
+    "inventor", "florist", "boxer", "violinist", "healer",
+)  # fmt: skip
+_ACCESSORY_TAGS = {"ribbon": "hair_ribbon", "hat": "hat", "glasses": "glasses", "cat_ears": "cat_ears",
+                   "horns": "horns", "none": None}
+_COLOUR_WORDS = ("red", "orange", "yellow", "green", "aqua", "blue", "purple", "pink")
+_GENERIC_TAGS = ("1girl", "solo", "smile", "looking_at_viewer", "upper_body", "simple_background", "blush",
+                 "open_mouth", "portrait")
+# Caption noise: an image without any caption; each tag missing; each tag replaced by a wrong one of its kind.
+CAPTION_NOISE = {"no_caption": 0.1, "missing_tag": 0.2, "wrong_tag": 0.1}
+
+
+def colour_word(c: RGB) -> str:
+    """A coarse colour name of an RGB colour, as a tagger would write it."""
+    h, s, v = colorsys.rgb_to_hsv(*(x / 255 for x in c))
+    if v < 0.25:
+        return "black"
+    if s < 0.2:
+        return "white" if v > 0.8 else "grey"
+    bounds = (0.04, 0.11, 0.19, 0.45, 0.53, 0.69, 0.82, 0.94)
+    for word, upper in zip(_COLOUR_WORDS, bounds):
+        if h < upper:
+            return word
+    return "red"
+
+
+def caption_plan(num_classes: int) -> dict[str, list[list[int]]]:
+    """Class ids in groups of six: (0, 1) image twins, (2, 3) text twins, (4, 5) distinct; and so on."""
+    plan: dict[str, list[list[int]]] = {"image_twins": [], "text_twins": []}
+    for g in range(0, num_classes, 6):
+        for kind, first in (("image_twins", g), ("text_twins", g + 2)):
+            if first + 1 < num_classes:
+                plan[kind].append([first, first + 1])
+    return plan
+
+
+def _captioned_specs(specs: list[CharacterSpec]) -> list[CharacterSpec]:
+    """The signatures of a captioned set: image twins share the first one's look; text twins share hair and eye
+    colour and accessory (what the tags describe) but keep their own hair style, face and skin."""
+    out = list(specs)
+    plan = caption_plan(len(specs))
+    for a, b in plan["image_twins"]:
+        s = specs[a]
+        out[b] = CharacterSpec(specs[b].name, s.hair, s.eyes, s.skin, s.face, s.hair_style, s.accessory)
+    for a, b in plan["text_twins"]:
+        s, t = specs[a], specs[b]
+        out[b] = CharacterSpec(t.name, s.hair, s.eyes, t.skin, t.face, t.hair_style, s.accessory)
+    return out
+
+
+def character_tags(specs: list[CharacterSpec]) -> list[list[str]]:
+    """The true tags of each character of a captioned set: hair colour, eye colour, accessory, one lore tag (text
+    twins share the first twin's lore tag, so their tags are identical)."""
+    lore = [LORE_TAGS[i % len(LORE_TAGS)] for i in range(len(specs))]
+    for a, b in caption_plan(len(specs))["text_twins"]:
+        lore[b] = lore[a]
+    tags = []
+    for spec, role in zip(specs, lore):
+        t = [f"{colour_word(spec.hair)}_hair", f"{colour_word(spec.eyes)}_eyes", _ACCESSORY_TAGS[spec.accessory], role]
+        tags.append([x for x in t if x])
+    return tags
+
+
+def noisy_caption(tags: list[str], rng: random.Random, vocab: dict[str, list[str]]) -> str | None:
+    """One image's caption: each tag missing or replaced by a wrong tag of its kind (``CAPTION_NOISE``), plus up to
+    two generic tags, shuffled; ``None`` for an image without any caption."""
+    if rng.random() < CAPTION_NOISE["no_caption"]:
+        return None
+    out = []
+    for tag in tags:
+        if rng.random() < CAPTION_NOISE["missing_tag"]:
+            continue
+        if rng.random() < CAPTION_NOISE["wrong_tag"]:
+            kind = next((k for k, words in vocab.items() if tag in words), None)
+            others = [w for w in vocab.get(kind, []) if w != tag]
+            if others:
+                tag = rng.choice(others)
+        out.append(tag)
+    out += rng.sample(_GENERIC_TAGS, rng.randint(0, 2))
+    rng.shuffle(out)
+    return ", ".join(out)
+
+
+def _tag_vocab(all_tags: list[list[str]]) -> dict[str, list[str]]:
+    vocab: dict[str, list[str]] = {"hair": [], "eyes": [], "accessory": [], "lore": []}
+    for tags in all_tags:
+        for t in tags:
+            kind = ("hair" if t.endswith("_hair") else "eyes" if t.endswith("_eyes") else "accessory"
+                    if t in _ACCESSORY_TAGS.values() else "lore")
+            if t not in vocab[kind]:
+                vocab[kind].append(t)
+    vocab["hair"] = sorted(set(vocab["hair"]) | {f"{w}_hair" for w in _COLOUR_WORDS})
+    vocab["eyes"] = sorted(set(vocab["eyes"]) | {f"{w}_eyes" for w in _COLOUR_WORDS})
+    vocab["accessory"] = sorted({t for t in _ACCESSORY_TAGS.values() if t})
+    return vocab
+
+
 # ------------------------------------------------------------------------------------------ dataset
 
 
@@ -551,8 +659,13 @@ def make_synthetic_dataset(
     seed: int = 0,
     val_fraction: float = 0.0,
     names: list[str] | None = None,
+    captions: bool = False,
 ) -> list[str]:
     """Write the dataset and return class names (sorted).
+
+    ``captions``: also write a noisy tag caption ``<image>.txt`` beside each image (some images get none) and draw
+    the characters as :func:`caption_plan` designs them (image twins, text twins, distinct characters); the plan
+    and each character's true tags go into the manifest ``out_dir/.animeai-synthetic.json``.
 
     With ``val_fraction > 0`` write ``out_dir/train/<name>/`` and ``out_dir/val/<name>/`` (val gets
     ``round(images_per_class * val_fraction)``, at least 1); else ``out_dir/<name>/`` directly.
@@ -592,6 +705,8 @@ def make_synthetic_dataset(
         if len(set(names)) != len(names):
             raise ValueError(f"names must be unique, got {names!r}")
         specs = [_spec_for_index(i, n, 0) for i, n in enumerate(names)]
+    if captions:
+        specs = _captioned_specs(specs)
     for spec in specs:
         if not _valid_name(spec.name):
             raise ValueError(f"invalid class name for a folder: {spec.name!r}")
@@ -607,6 +722,15 @@ def make_synthetic_dataset(
         "generator": "animeai.data.synthetic", "names": [s.name for s in specs], "images_per_class": images_per_class,
         "image_size": image_size, "seed": seed, "val_fraction": float(val_fraction),
     }
+    tags: list[list[str]] = []
+    if captions:
+        tags = character_tags(specs)
+        plan = caption_plan(len(specs))
+        params["captions"] = {
+            "noise": dict(CAPTION_NOISE), "tags": {s.name: t for s, t in zip(specs, tags)},
+            **{k: [[specs[a].name, specs[b].name] for a, b in v] for k, v in plan.items()},
+        }
+    vocab = _tag_vocab(tags)
     _check_out_dir(root, params)  # refuse up front, so nothing is half-written
     splits: list[tuple[str, Path, int, int]]  # (split, root, first index, count)
     if n_val:
@@ -617,13 +741,18 @@ def make_synthetic_dataset(
     root.mkdir(parents=True, exist_ok=True)
     (root / MANIFEST_NAME).write_text(json.dumps(params, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     for split, split_root, first, count in splits:
-        for spec in specs:
+        for ci, spec in enumerate(specs):
             cdir = split_root / spec.name
             cdir.mkdir(parents=True, exist_ok=True)
             for idx in range(first, first + count):
                 rng = random.Random(f"animeai-synthetic/{seed}/{split}/{spec.name}/{idx}")
                 img = render_character(spec, rng, image_size)
                 img.save(cdir / f"{spec.name}_{idx:04d}.jpg", format="JPEG", quality=90)
+                if captions:
+                    text = noisy_caption(tags[ci], random.Random(f"animeai-captions/{seed}/{split}/{spec.name}/{idx}"),
+                                         vocab)
+                    if text is not None:
+                        (cdir / f"{spec.name}_{idx:04d}.txt").write_text(text + "\n", encoding="utf-8")
     return sorted(s.name for s in specs)
 
 

@@ -19,6 +19,8 @@ SMOKE_OVERRIDES = {
     "data.image_size": 64, "data.num_workers": 0, "model.arch": "efficientnet_lite0", "model.pretrained": "package",
     "optim.batch_size": 8, "run.epochs": 2,
 }
+# Fusion smoke tests: the same characters with tag captions, and the offline MiniLM text encoder.
+SMOKE_TEXT_OVERRIDES = {"text.encoder": "all-minilm-l6-v2", "text.pretrained": "package"}
 
 
 # ------------------------------------------------------------------------------------------ job paths
@@ -158,7 +160,8 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
                    "worker's per-epoch report (default: WARNING; all levels stay in the session's logs/train/)")
 
 
-JOB_SCRIPTS = {"distill": "train_model_distillation.py"}  # task -> its script in jobs/ (default train_<task>.py)
+# task -> its script in jobs/ (default train_<task>.py)
+JOB_SCRIPTS = {"distill": "train_model_distillation.py", "fusion": "multimodal_fusion.py"}
 
 
 def build_train_parser(task: str) -> argparse.ArgumentParser:
@@ -187,6 +190,9 @@ def train_job_main(task: str, argv: list[str] | None = None) -> int:
     if args.smoke_test:
         cfg = with_overrides(cfg, SMOKE_OVERRIDES)
         synthetic = SMOKE_DATA
+        if hasattr(cfg, "text"):  # fusion: captioned characters, the offline text encoder
+            cfg = with_overrides(cfg, SMOKE_TEXT_OVERRIDES)
+            synthetic = {**SMOKE_DATA, "captions": True}
         if hasattr(cfg, "distill"):  # distillation needs a teacher: a tiny one, trained here on the same characters
             from animeai.tasks.distill import make_smoke_teacher
 

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from animeai.config import DetectorConfig, DistillConfig, GeneratorConfig
+from animeai.config import DetectorConfig, DistillConfig, FusionConfig, GeneratorConfig
 from animeai.tasks.base import Task
 from animeai.tasks.detector import DetectorTask
 from animeai.tasks.distill import DistillTask
+from animeai.tasks.fusion import FusionTask
 from animeai.tasks.generator import GeneratorTask
 
 TASKS: dict[str, tuple[type, type[Task]]] = {
     "detector": (DetectorConfig, DetectorTask),
     "generator": (GeneratorConfig, GeneratorTask),
     "distill": (DistillConfig, DistillTask),
+    "fusion": (FusionConfig, FusionTask),
 }
 
 
