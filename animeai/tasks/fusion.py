@@ -42,9 +42,7 @@ def _examples(items: list[str], n: int = 3) -> str:
 
 
 class FusionTask(DetectorTask):
-    name = "fusion"
-    monitor = "val_top1"
-    monitor_mode = "max"
+    name = "fusion"  # monitors the detector's val_top1 (max)
 
     def __init__(self, cfg: FusionConfig):
         super().__init__(cfg)
