@@ -147,6 +147,27 @@ def test_dead_shard_is_named(local_ray):
         db.search(vectors(2, 3), 3)
 
 
+def test_damaged_shard_slice_is_named(pair, tmp_path):
+    _, sharded = pair
+    gen = sharded.save(tmp_path / "db")
+    index = next((gen / "shard-001").glob("gen-*/index.faiss"))
+    index.write_bytes(index.read_bytes()[:100])
+    with pytest.raises(ShardError, match=r"load: shard 1 of 2 died .*index.faiss: damaged"):
+        ShardedFeatureDB.load(tmp_path / "db", num_cpus=0.5)
+    deadline = time.time() + 20  # the other shard is stopped, not left holding its CPU (the pair holds 1 of 2)
+    while ray.available_resources().get("CPU", 0) < 1.0 and time.time() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) >= 1.0
+
+
+def test_ray_missing_is_a_clear_error(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(OnlineError, match=r"needs Ray: pip install"):
+        ShardedFeatureDB.start(2, DIM)
+
+
 def test_start_refuses_bad_arguments(local_ray):
     with pytest.raises(OnlineError, match="number of shards"):
         ShardedFeatureDB.start(0, DIM)

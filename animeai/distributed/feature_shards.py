@@ -196,8 +196,11 @@ class ShardedFeatureDB:
         actors = [remote.remote(i, num_shards, dim, model_hash, kind, pdict, threads,
                                 _load_from[i] if _load_from else None) for i in range(num_shards)]
         db = cls(actors, dim=dim, model_hash=model_hash, index_kind=kind, params=params)
-        infos = db._all([a.info.remote() for a in actors], "start")
-        db._adopt(infos)
+        try:
+            db._adopt(db._all([a.info.remote() for a in actors], "load" if _load_from else "start"))
+        except BaseException:
+            db.shutdown()  # no half-started database left holding CPUs
+            raise
         return db
 
     def shutdown(self) -> None:
