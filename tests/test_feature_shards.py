@@ -181,3 +181,30 @@ def test_merge_topk_pads_and_renumbers():
     s, i, r = merge_topk([a, b], 4, 2)
     assert i.tolist() == [[0, 1, 2, -1]] and r.tolist() == [[3, 7, 4, -1]]
     assert s[0, :3].tolist() == pytest.approx([0.9, 0.5, 0.1]) and np.isneginf(s[0, 3])
+
+
+def test_cli_split_info_search(local_ray, tmp_path, capsys):
+    from animeai.cli import main
+
+    src = FeatureDB(DIM, "h", index_kind="flat", device="cpu")
+    src.add_role("a", vectors(9, 1), metadata={"k": 1})
+    src.add_role("b", vectors(6, 2))
+    src.add_role("c", prototype=vectors(1, 3)[0])
+    src.save(tmp_path / "db")
+    out = tmp_path / "sharded"
+    assert main(["shards", "split", "--db", str(tmp_path / "db"), "--out", str(out), "--shards", "2",
+                 "--cpus-per-shard", "0.5"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["vectors"] == 15 and res["roles"] == 3 and [s["num_rows"] for s in res["shards"]] == [8, 7]
+    assert main(["shards", "info", "--db", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["num_shards"] == 2
+    q = vectors(4, 7)
+    np.save(tmp_path / "q.npy", q)
+    assert main(["shards", "search", "--db", str(out), "--queries", str(tmp_path / "q.npy"), "--k", "3",
+                 "--cpus-per-shard", "0.5"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    s, i, r = src.search_vectors(q, 3)
+    assert [[m["id"] for m in row] for row in found] == i.tolist()
+    assert [[m["role"] for m in row] for row in found] == [[src.role_names()[x] for x in row] for row in r]
+    assert main(["shards", "search", "--db", str(tmp_path / "db"), "--queries", str(tmp_path / "q.npy")]) == 2
+    assert "not a sharded feature database" in capsys.readouterr().err
