@@ -12,7 +12,8 @@ for one slice of the vectors, and the driver-side object offers the database's A
   size as the collection grows (contiguous ranges would send every new vector to the last shard), and finding a
   vector's shard needs no table. The shard count is fixed when the database is created; another count means a
   rebuild (:meth:`ShardedFeatureDB.from_feature_db` on a merged copy).
-* **Search: fan-out + merge.** The query batch is put into the object store once; every shard searches its slice
+* **Search: fan-out + merge.** The query batch is put into the object store once (sent inline when under
+  100 KB); every shard searches its slice
   for the top ``k`` at the same time (one ``ray.get`` on all references), and the driver merges the ``N x k``
   candidates per query into the global top ``k`` by score. For exact kinds (``flat``) the result is the same as
   one index over all the vectors: the global top ``k`` are among the union of the per-shard top ``k``.
@@ -69,6 +70,7 @@ from animeai.online.feature_db import (
 FORMAT = "animeai.feature_shards"
 FORMAT_VERSION = 1
 ROUTING = "modulo"
+INLINE_BYTES = 100_000  # query batches smaller than this are sent inside each shard call, larger ones put once
 
 
 class ShardError(OnlineError):
@@ -311,8 +313,10 @@ class ShardedFeatureDB:
         if not isinstance(k, int) or k < 1:
             raise OnlineError(f"k must be a positive integer, got {k!r}")
         q = self._queries(queries)
-        ref = self._ray.put(q)  # once into the object store, read by every shard
-        parts = self._all([a.search.remote(ref, k) for a in self.actors], "search")
+        # a large batch goes into the object store once and every shard reads it from there; a small one (below
+        # Ray's 100 KB inline limit for arguments) travels inside each call, which is cheaper than a put
+        arg = self._ray.put(q) if q.nbytes >= INLINE_BYTES and self.num_shards > 1 else q
+        parts = self._all([a.search.remote(arg, k) for a in self.actors], "search")
         return merge_topk(parts, k, self.num_shards)
 
     def search(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:

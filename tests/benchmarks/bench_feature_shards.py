@@ -4,8 +4,10 @@ The same clustered synthetic vectors as ``bench_feature_db.py`` go into (a) an i
 ``ShardedFeatureDB`` with 1 shard actor and (c) one with 2 shard actors, on a local Ray; every database searches
 with the same FAISS threads (``--threads``, per shard). Reported per setup: build time, QPS of batched queries
 (``--batch`` queries per call), the median latency of one query per call, and whether the top-k ids equal the
-in-process database's. The fan-out's cost per call is (b) minus (a): putting the queries into the object store,
-one actor call per shard, getting the results back and merging them.
+in-process database's. All setups are built first and then measured in turn, round after round (medians
+reported), so that load from other work falls on all of them alike. The fan-out's fixed cost per call (putting
+the queries into the object store, one actor call per shard, getting the results back, merging them) is the
+one-query latency of (b) or (c) minus (a), on a small database (``--small-n``) where the search itself is cheap.
 
     PYTHONPATH=. python tests/benchmarks/bench_feature_shards.py                   # 200k x 512, Flat
     PYTHONPATH=. python tests/benchmarks/bench_feature_shards.py --quick           # seconds: checks the script
@@ -40,22 +42,24 @@ def fill(db, centers, args) -> float:
     return time.perf_counter() - t0
 
 
-def measure(db, queries: np.ndarray, k: int, batch: int, singles: int) -> tuple[float, float, np.ndarray, np.ndarray]:
-    """(batched QPS, median single-query latency in ms, top-k ids, top-k scores)."""
-    db.search_vectors(queries[:batch], k)  # warm-up
+def batched(db, queries: np.ndarray, k: int, batch: int) -> tuple[float, np.ndarray, np.ndarray]:
+    """(QPS over all queries in calls of ``batch``, top-k ids, top-k scores)."""
     ids = np.empty((len(queries), k), np.int64)
     scores = np.empty((len(queries), k), np.float32)
     t0 = time.perf_counter()
     for s in range(0, len(queries), batch):
         sc, found, _ = db.search_vectors(queries[s: s + batch], k)
         ids[s: s + batch], scores[s: s + batch] = found, sc
-    qps = len(queries) / (time.perf_counter() - t0)
-    lat = []
-    for i in range(singles):
+    return len(queries) / (time.perf_counter() - t0), ids, scores
+
+
+def one_query_ms(db, queries: np.ndarray, k: int, count: int) -> list[float]:
+    out = []
+    for i in range(count):
         t = time.perf_counter()
-        db.search_vectors(queries[i: i + 1], k)
-        lat.append((time.perf_counter() - t) * 1000)
-    return qps, statistics.median(lat), ids, scores
+        db.search_vectors(queries[i % len(queries): i % len(queries) + 1], k)
+        out.append((time.perf_counter() - t) * 1000)
+    return out
 
 
 def load_average() -> str:
@@ -68,9 +72,14 @@ def main(argv=None) -> int:
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--kind", default="flat", help="feature_db index kind (default: flat, exact)")
     p.add_argument("--roles", type=int, default=100, help="roles the vectors are split into (default: 100)")
-    p.add_argument("--queries", type=int, default=2000)
+    p.add_argument("--queries", type=int, default=1000, help="queries per round (default: 1000)")
     p.add_argument("--batch", type=int, default=500, help="queries per search call (default: 500)")
-    p.add_argument("--singles", type=int, default=200, help="one-query calls timed for the latency (default: 200)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds; every setup is measured once per round, in turn, "
+                   "and the medians are reported (default: 3)")
+    p.add_argument("--singles", type=int, default=100, help="one-query calls per round and setup on the small "
+                   "database, a fifth of that on the large one (default: 100)")
+    p.add_argument("--small-n", type=int, default=1000, help="vectors of the small database on which the fan-out's "
+                   "fixed cost per call is measured (default: 1000)")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--threads", type=int, default=1, help="FAISS threads per database / shard (default: 1)")
     p.add_argument("--shards", default="1,2", help="shard counts to run (default: 1,2)")
@@ -81,7 +90,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("bench-results/bench_feature_shards.json"))
     args = p.parse_args(argv)
     if args.quick:
-        args.n, args.dim, args.queries, args.batch, args.singles, args.roles = 3000, 64, 200, 50, 20, 10
+        args.n, args.dim, args.queries, args.batch, args.singles, args.roles, args.rounds = 3000, 64, 200, 50, 10, 10, 2
 
     import ray
 
@@ -89,51 +98,79 @@ def main(argv=None) -> int:
     from animeai.online.feature_db import FeatureDB, require_faiss
 
     faiss = require_faiss()
+    faiss.omp_set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)
     centers = rng.standard_normal((args.clusters, args.dim), dtype=np.float32)
     centers /= np.linalg.norm(centers, axis=1, keepdims=True)
     queries = make_chunk(centers, 10 ** 12, args.queries, args.seed + 2, args.noise)
     counts = [int(c) for c in args.shards.split(",")]
-    rows = []
-
-    faiss.omp_set_num_threads(args.threads)
     print(f"load average before: {load_average()}", flush=True)
-    local = FeatureDB(args.dim, "bench", index_kind=args.kind, device="cpu")
-    build_s = fill(local, centers, args)
-    qps, lat, ref_ids, ref_scores = measure(local, queries, args.k, args.batch, args.singles)
-    rows.append({"setup": "in-process FeatureDB", "shards": 0, "build_s": round(build_s, 1), "qps": round(qps),
-                 "latency_1q_ms": round(lat, 2), "same_ids": "-", "max_score_diff": "-", "load": load_average()})
-    print(rows[-1], flush=True)
-    del local
 
-    # one CPU per shard, plus room for the driver's calls; a small object store
-    ray.init(address="local", num_cpus=max(counts) + 1, include_dashboard=False, log_to_driver=False,
+    # every setup is built first and kept alive, then measured in turn each round, so that the other engineers'
+    # load on this shared machine falls on all setups alike
+    ray.init(address="local", num_cpus=sum(counts) * 2, include_dashboard=False, log_to_driver=False,
              object_store_memory=max(256, args.n * args.dim * 4 // 2 ** 20 // 2 + 128) * 2 ** 20)
+    setups: dict[str, dict] = {}
     try:
-        for n in counts:
-            db = ShardedFeatureDB.start(n, args.dim, "bench", kind=args.kind, num_cpus=1, threads=args.threads)
-            try:
-                build_s = fill(db, centers, args)
-                qps, lat, ids, scores = measure(db, queries, args.k, args.batch, args.singles)
-            finally:
-                db.shutdown()
-            same = float(np.mean(ids == ref_ids))
-            rows.append({"setup": f"sharded, {n} actor{'s' if n > 1 else ''}", "shards": n,
-                         "build_s": round(build_s, 1), "qps": round(qps), "latency_1q_ms": round(lat, 2),
-                         "same_ids": round(same, 4), "max_score_diff": float(np.max(np.abs(scores - ref_scores))),
-                         "load": load_average()})
-            print(rows[-1], flush=True)
+        for label, small in (("", False), (" (small)", True)):
+            n = args.small_n if small else args.n
+            sub = argparse.Namespace(**{**vars(args), "n": n, "roles": min(args.roles, n)})
+            local = FeatureDB(args.dim, "bench", index_kind=args.kind, device="cpu")
+            setups["in-process FeatureDB" + label] = {"db": local, "shards": 0, "small": small,
+                                                     "build_s": fill(local, centers, sub)}
+            for c in counts:
+                db = ShardedFeatureDB.start(c, args.dim, "bench", kind=args.kind, num_cpus=1, threads=args.threads)
+                setups[f"sharded, {c} actor{'s' if c > 1 else ''}{label}"] = {"db": db, "shards": c, "small": small,
+                                                                          "build_s": fill(db, centers, sub)}
+            print(f"built{label or ' (large)'}: " + ", ".join(f"{k} {v['build_s']:.1f} s" for k, v in setups.items()
+                                                                if v["small"] == small), flush=True)
+        for v in setups.values():  # warm-up
+            v["db"].search_vectors(queries[: args.batch], args.k)
+            v.update(qps=[], lat=[], loads=[])
+        ref = {}
+        for r in range(args.rounds):
+            for v in setups.values():
+                if not v["small"]:
+                    qps, ids, scores = batched(v["db"], queries, args.k, args.batch)
+                    v["qps"].append(qps)
+                    if v["shards"] == 0:
+                        ref = {"ids": ids, "scores": scores}
+                    else:
+                        v["same_ids"] = float(np.mean(ids == ref["ids"]))
+                        v["max_score_diff"] = float(np.max(np.abs(scores - ref["scores"])))
+                # one-query calls: the small database's give the fan-out's fixed cost; fewer on the large one
+                v["lat"] += one_query_ms(v["db"], queries, args.k, args.singles if v["small"] else
+                                         max(1, args.singles // 5))
+                v["loads"].append(os.getloadavg()[0])
+            print(f"round {r + 1}/{args.rounds}: " + ", ".join(
+                f"{k}: {v['qps'][-1]:.0f} QPS" for k, v in setups.items() if v["qps"]) + f"; load {load_average()}",
+                flush=True)
     finally:
+        for v in setups.values():
+            if v["shards"]:
+                v["db"].shutdown()
         ray.shutdown()
-    base = rows[0]
-    for r in rows[1:]:
-        r["fanout_ms_per_call"] = round(r["latency_1q_ms"] - base["latency_1q_ms"], 2)
-        r["qps_vs_in_process"] = round(r["qps"] / base["qps"], 2)
-    cols = ["setup", "build_s", "qps", "latency_1q_ms", "fanout_ms_per_call", "qps_vs_in_process", "same_ids",
+    rows = []
+    for name, v in setups.items():
+        rows.append({"setup": name, "n": args.small_n if v["small"] else args.n, "shards": v["shards"],
+                     "build_s": round(v["build_s"], 1),
+                     "qps": round(statistics.median(v["qps"])) if v["qps"] else "-",
+                     "qps_rounds": [round(q) for q in v["qps"]],
+                     "latency_1q_ms": round(statistics.median(v["lat"]), 2),
+                     "same_ids": v.get("same_ids", "-"), "max_score_diff": v.get("max_score_diff", "-"),
+                     "load": round(statistics.median(v["loads"]), 1)})
+    for small in (False, True):
+        base = next(r for r in rows if r["shards"] == 0 and (r["n"] == args.small_n) == small)
+        for r in rows:
+            if r["shards"] and (r["n"] == args.small_n) == small:
+                r["fanout_ms_per_call"] = round(r["latency_1q_ms"] - base["latency_1q_ms"], 2)
+                if r["qps"] != "-":
+                    r["qps_vs_in_process"] = round(r["qps"] / base["qps"], 2)
+    cols = ["setup", "n", "build_s", "qps", "qps_vs_in_process", "latency_1q_ms", "fanout_ms_per_call", "same_ids",
             "load"]
     print_table(cols, [[r.get(c, "-") for c in cols] for r in rows],
-                title=f"feature_db over Ray shard actors, {args.n:,} x {args.dim} {args.kind}, {args.threads} FAISS "
-                      f"thread(s) per shard, batches of {args.batch}")
+                title=f"feature_db over Ray shard actors, {args.dim}-d {args.kind}, {args.threads} FAISS thread(s) per "
+                      f"shard, batches of {args.batch}, medians of {args.rounds} interleaved rounds")
     write_json(args.out, "feature_shards", {k: str(v) for k, v in vars(args).items()}, {"rows": rows},
                machine_info("cpu"))
     return 0
