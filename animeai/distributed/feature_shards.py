@@ -310,8 +310,9 @@ class ShardedFeatureDB:
 
     def search_vectors(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(scores, global vector ids, roles)`` of the ``k`` nearest exemplars of each query over all shards."""
-        if not isinstance(k, int) or k < 1:
+        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
             raise OnlineError(f"k must be a positive integer, got {k!r}")
+        k = int(k)
         q = self._queries(queries)
         # a large batch goes into the object store once and every shard reads it from there; a small one (below
         # Ray's 100 KB inline limit for arguments) travels inside each call, which is cheaper than a put
