@@ -147,6 +147,34 @@ def test_dead_shard_is_named(local_ray):
         db.search(vectors(2, 3), 3)
 
 
+def test_concurrent_search_and_add(local_ray):
+    import threading
+
+    with ShardedFeatureDB.start(2, DIM, "h", kind="flat", num_cpus=0.5) as db:
+        db.add_role("a", vectors(10, 1))
+        errors, stop = [], threading.Event()
+
+        def searcher():
+            try:
+                while not stop.is_set():
+                    s, i, _ = db.search_vectors(vectors(4, 2), 5)
+                    assert (i >= 0).all() and np.isfinite(s).all()
+            except Exception as exc:  # noqa: BLE001 - collected and asserted below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=searcher) for _ in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            added = [db.add(0, vectors(3, 10 + j)) for j in range(10)]
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
+        assert not errors, errors
+        assert np.concatenate(added).tolist() == list(range(10, 40)) and db.num_vectors == 40
+
+
 def test_damaged_shard_slice_is_named(pair, tmp_path):
     _, sharded = pair
     gen = sharded.save(tmp_path / "db")
