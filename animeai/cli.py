@@ -430,6 +430,86 @@ def add_online_parsers(sub) -> None:
     p.set_defaults(func=cmd_add_role)
 
 
+def _ray_connect(address: str | None) -> None:
+    """Join the Ray cluster at ``address`` (``auto``: the one started with ``ray start`` here); none: the sharded
+    database connects to ``$RAY_ADDRESS`` or starts a local Ray."""
+    if address:
+        from animeai.distributed.feature_shards import require_ray
+
+        require_ray().init(address=address, include_dashboard=False, log_to_driver=False)
+
+
+def cmd_shards(args: argparse.Namespace) -> int:
+    from animeai.distributed.feature_shards import ShardedFeatureDB
+
+    if args.action == "info":
+        folder, manifest = ShardedFeatureDB.read_manifest(args.db)
+        _write_json({"generation": str(folder), **{k: manifest[k] for k in (
+            "num_shards", "routing", "dim", "index_kind", "num_roles", "next_id", "shards")}}, None)
+        return 0
+    import numpy as np
+
+    from animeai.online.feature_db import FeatureDB
+
+    _ray_connect(args.address)
+    opts = {"num_cpus": args.cpus_per_shard, "threads": args.threads}
+    if args.action == "split":
+        source = FeatureDB.load(args.db, device="cpu")
+        db = ShardedFeatureDB.from_feature_db(source, args.shards, kind=args.index_kind, **opts)
+        try:
+            gen = db.save(args.out)
+            info = db.shard_info()
+        finally:
+            db.shutdown()
+        print(f"wrote {args.out} ({gen.name}): {db.num_rows} vectors of {db.num_roles} roles in {args.shards} shards",
+              file=sys.stderr)
+        _write_json({"out": str(args.out), "generation": gen.name, "roles": db.num_roles, "vectors": db.num_rows,
+                     "shards": [{k: i[k] for k in ("shard", "num_rows", "num_vectors", "index_spec")} for i in info]},
+                    None)
+        return 0
+    try:
+        queries = np.load(args.queries, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{args.queries}: not a readable .npy array of query embeddings ({exc})") from None
+    db = ShardedFeatureDB.load(args.db, **opts)
+    try:
+        scores, ids, roles = db.search_vectors(np.atleast_2d(queries), args.k)
+        names = db.role_names()
+    finally:
+        db.shutdown()
+    _write_json([[{"id": int(i), "role": names[r], "role_id": int(r), "score": float(sc)}
+                  for sc, i, r in zip(srow, irow, rrow) if i >= 0] for srow, irow, rrow in zip(scores, ids, roles)],
+                None)
+    return 0
+
+
+def add_shards_parser(sub) -> None:
+    p = sub.add_parser("shards", help="the feature database sharded over Ray actors: split, search, info",
+                       description="split: copy a feature database into N shard actors on Ray (vector id modulo N) "
+                       "and save the sharded database to --out. search: start one actor per saved shard and print "
+                       "the top-k of each query embedding (a .npy array) as JSON. info: print a sharded database's "
+                       "manifest (no Ray needed). Ray: --address, else $RAY_ADDRESS, else a new local Ray.")
+    p.add_argument("action", choices=("split", "search", "info"))
+    p.add_argument("--db", required=True, help="split: a feature database folder; search/info: a sharded one")
+    p.add_argument("--queries", metavar="NPY", help="search: query embeddings, a .npy array (n, dim)")
+    p.add_argument("--out", help="split: the sharded database folder to write")
+    p.add_argument("--shards", type=int_in(1), default=2, help="split: number of shard actors (default: 2)")
+    p.add_argument("--index-kind", default=None, help="split: index kind of the shards (default: the source's)")
+    p.add_argument("--k", type=int_in(1), default=5, help="search: results per query (default: 5)")
+    p.add_argument("--cpus-per-shard", type=float, default=1.0, help="Ray CPUs per shard actor (default: 1)")
+    p.add_argument("--threads", type=int_in(1), default=None, help="FAISS threads per shard (default: its CPUs)")
+    p.add_argument("--address", default=None, help="Ray cluster to join (e.g. auto, or ray://host:10001)")
+
+    def run(args: argparse.Namespace) -> int:
+        if args.action == "split" and not args.out:
+            p.error("split needs --out")
+        if args.action == "search" and not args.queries:
+            p.error("search needs --queries (a .npy file of query embeddings)")
+        return cmd_shards(args)
+
+    p.set_defaults(func=run)
+
+
 def add_serve_parser(sub) -> None:
     """``animeai serve``: the similarity service (HTTP API + web page) over a model + feature database."""
 
@@ -579,6 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(sub)
     add_online_parsers(sub)
     add_serve_parser(sub)
+    add_shards_parser(sub)
     add_evaluate_generator_parser(sub)
     add_export_parser(sub)
     add_data_parser(sub)

@@ -313,6 +313,11 @@ class FeatureDB:
         return int((self._role_of[: self._n] >= 0).sum())
 
     @property
+    def num_rows(self) -> int:
+        """Vector ids used so far (removed vectors included: ids are never reused); the next id is this."""
+        return self._n
+
+    @property
     def ntotal(self) -> int:
         return int(self._index.ntotal)
 
@@ -486,21 +491,38 @@ class FeatureDB:
     def search(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """``(scores, roles)`` of the ``k`` nearest exemplars of each query (cosine; queries need not be normalised).
         Missing results (fewer than ``k`` live vectors) have role ``-1`` and score ``-inf``."""
+        scores, _, roles = self.search_vectors(queries, k)
+        return scores, roles
+
+    def search_vectors(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(scores, vector ids, roles)`` of the ``k`` nearest exemplars of each query: :meth:`search` with the
+        ids of the vectors found (missing results: id ``-1``, role ``-1``, score ``-inf``)."""
         q = self._check(queries)[0]
+        out_s = np.full((len(q), k), -np.inf, np.float32)
+        out_i = np.full((len(q), k), -1, np.int64)
+        out_r = np.full((len(q), k), -1, np.int64)
         with self._search_lock():
             total = int(self._index.ntotal)
             fetch = min(total, k + self._tombstones)
-            out_s = np.full((len(q), k), -np.inf, np.float32)
-            out_r = np.full((len(q), k), -1, np.int64)
             if fetch == 0:
-                return out_s, out_r
+                return out_s, out_i, out_r
             scores, ids = self._index.search(q, fetch)
             roles = np.where(ids >= 0, self._role_of[np.clip(ids, 0, None)], -1)
+        if fetch == k and not self._tombstones:  # nothing to skip: the common case without a per-row loop
+            ok = roles >= 0
+            return np.where(ok, scores, -np.inf).astype(np.float32), np.where(ok, ids, -1), roles
         for i in range(len(q)):
             ok = roles[i] >= 0
-            s, r = scores[i][ok][:k], roles[i][ok][:k]
-            out_s[i, : len(s)], out_r[i, : len(r)] = s, r
-        return out_s, out_r
+            s, v, r = scores[i][ok][:k], ids[i][ok][:k], roles[i][ok][:k]
+            out_s[i, : len(s)], out_i[i, : len(v)], out_r[i, : len(r)] = s, v, r
+        return out_s, out_i, out_r
+
+    def role_sums(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(sums, counts, fixed, prototypes)`` per role: the sum of its normalised exemplars (float64), their
+        number, whether its prototype was given rather than computed, and the prototypes. Databases holding
+        slices of one collection (shards) combine these into the whole collection's prototypes."""
+        with self.lock.read():
+            return self._sums.copy(), self._counts.copy(), self._fixed.copy(), self._prototypes.copy()
 
     def prototype_scores(self, queries: np.ndarray) -> np.ndarray:
         """Cosine similarity of each query with each role's prototype, ``(n, num_roles)``."""
