@@ -65,6 +65,7 @@ from animeai.online.feature_db import (
     is_database,
     is_empty_location,
     normalize,
+    read_current_manifest,
 )
 
 FORMAT = "animeai.feature_shards"
@@ -507,22 +508,7 @@ class ShardedFeatureDB:
     def read_manifest(path: str | Path) -> tuple[Path, dict[str, Any]]:
         """The live generation folder of a saved sharded database and its checked manifest."""
         root = Path(path)
-        if not root.is_dir():
-            raise FeatureDBError(f"{root}: sharded feature database folder not found")
-        try:
-            gen_name = (root / CURRENT).read_text(encoding="utf-8").strip()
-        except FileNotFoundError:
-            raise FeatureDBError(f"{root / CURRENT}: missing: {root} is not a sharded feature database") from None
-        if not _GEN_RE.match(gen_name):
-            raise FeatureDBError(f"{root / CURRENT}: damaged: names {gen_name[:60]!r}, not a generation folder")
-        folder = root / gen_name
-        mpath = folder / MANIFEST
-        try:
-            m = json.loads(mpath.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FeatureDBError(f"{mpath}: missing") from None
-        except (OSError, ValueError) as exc:
-            raise FeatureDBError(f"{mpath}: damaged manifest, not valid JSON ({exc})") from None
+        folder, mpath, m = read_current_manifest(root, "sharded feature database")
         if not isinstance(m, dict) or m.get("format") != FORMAT:
             hint = " (a one-process database: open it with FeatureDB.load, or split it with from_feature_db)" \
                 if isinstance(m, dict) and m.get("format") == "animeai.feature_db" else ""

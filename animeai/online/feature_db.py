@@ -272,6 +272,32 @@ def is_empty_location(path: str | Path) -> bool:
 # ------------------------------------------------------------------------------------------ the database
 
 
+def read_current_manifest(root: Path, what: str) -> tuple[Path, Path, Any]:
+    """The generation folder that ``root/CURRENT`` names, its manifest's path and the manifest's parsed JSON
+    (not yet checked: the caller checks its format). A missing folder, pointer or manifest, a damaged pointer or
+    a manifest that is not JSON is a :class:`FeatureDBError` naming the file; ``what`` names the database kind."""
+    if not root.is_dir():
+        raise FeatureDBError(f"{root}: {what} folder not found")
+    pointer = root / CURRENT
+    try:
+        gen_name = pointer.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise FeatureDBError(f"{pointer}: missing: {root} is not a {what}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FeatureDBError(f"{pointer}: unreadable ({exc})") from None
+    if not _GEN_RE.match(gen_name):
+        raise FeatureDBError(f"{pointer}: damaged: names {gen_name[:60]!r}, not a generation folder")
+    folder = root / gen_name
+    mpath = folder / MANIFEST
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FeatureDBError(f"{mpath}: missing (the generation {CURRENT} names is incomplete)") from None
+    except (OSError, ValueError) as exc:
+        raise FeatureDBError(f"{mpath}: damaged manifest, not valid JSON ({exc})") from None
+    return folder, mpath, manifest
+
+
 class FeatureDB:
     """Roles, their normalised exemplar embeddings and prototypes, and a FAISS index over the exemplars."""
 
@@ -610,25 +636,7 @@ class FeatureDB:
         checked with ``verify``), a file that is not a FAISS index, or a dimension / model hash other than the
         expected ones (a database built by another model)."""
         root = Path(path)
-        if not root.is_dir():
-            raise FeatureDBError(f"{root}: feature database folder not found")
-        pointer = root / CURRENT
-        try:
-            gen_name = pointer.read_text(encoding="utf-8").strip()
-        except FileNotFoundError:
-            raise FeatureDBError(f"{pointer}: missing: {root} is not a feature database") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise FeatureDBError(f"{pointer}: unreadable ({exc})") from None
-        if not _GEN_RE.match(gen_name):
-            raise FeatureDBError(f"{pointer}: damaged: names {gen_name[:60]!r}, not a generation folder")
-        folder = root / gen_name
-        mpath = folder / MANIFEST
-        try:
-            manifest = json.loads(mpath.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FeatureDBError(f"{mpath}: missing (the generation {CURRENT} names is incomplete)") from None
-        except (OSError, ValueError) as exc:
-            raise FeatureDBError(f"{mpath}: damaged manifest, not valid JSON ({exc})") from None
+        folder, mpath, manifest = read_current_manifest(root, "feature database")
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise FeatureDBError(f"{mpath}: not an animeai feature database manifest (format is "
                                  f"{manifest.get('format') if isinstance(manifest, dict) else manifest!r})")
