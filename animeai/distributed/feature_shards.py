@@ -60,11 +60,11 @@ from animeai.online.feature_db import (
     MANIFEST,
     FeatureDB,
     SearchParams,
-    _fsync_dir,
     _write_text,
     is_database,
     is_empty_location,
     normalize,
+    publish_generation,
     read_current_manifest,
 )
 
@@ -487,14 +487,7 @@ class ShardedFeatureDB:
                     "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "library_version": __version__,
                 }
                 _write_text(tmp / MANIFEST, json.dumps(manifest, ensure_ascii=False, indent=1) + "\n")
-                _fsync_dir(tmp)
-                final = root / f"gen-{gen:08d}"
-                os.rename(tmp, final)
-                _fsync_dir(root)
-                pointer = root / f".{CURRENT}.{uuid.uuid4().hex[:8]}.tmp"
-                _write_text(pointer, final.name + "\n")
-                os.replace(pointer, root / CURRENT)
-                _fsync_dir(root)
+                final = publish_generation(root, tmp, gen)
             finally:
                 if tmp.exists():
                     shutil.rmtree(tmp, ignore_errors=True)

@@ -272,6 +272,21 @@ def is_empty_location(path: str | Path) -> bool:
 # ------------------------------------------------------------------------------------------ the database
 
 
+def publish_generation(root: Path, tmp: Path, gen: int) -> Path:
+    """Make the fully written folder ``tmp`` the live generation ``gen`` of ``root``: fsync it, rename it to
+    ``gen-<gen>``, then point ``CURRENT`` at it with an atomic replace (each step fsynced), so a kill at any
+    moment leaves the previous or the new generation live, never a broken one. Returns the final folder."""
+    _fsync_dir(tmp)
+    final = root / f"gen-{gen:08d}"
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    pointer = root / f".{CURRENT}.{uuid.uuid4().hex[:8]}.tmp"
+    _write_text(pointer, final.name + "\n")
+    os.replace(pointer, root / CURRENT)
+    _fsync_dir(root)
+    return final
+
+
 def read_current_manifest(root: Path, what: str) -> tuple[Path, Path, Any]:
     """The generation folder that ``root/CURRENT`` names, its manifest's path and the manifest's parsed JSON
     (not yet checked: the caller checks its format). A missing folder, pointer or manifest, a damaged pointer or
@@ -576,14 +591,7 @@ class FeatureDB:
             try:
                 with self.lock.read():  # a consistent snapshot: no add/remove while writing
                     self._write_generation(tmp)
-                _fsync_dir(tmp)
-                final = root / f"gen-{gen:08d}"
-                os.rename(tmp, final)
-                _fsync_dir(root)
-                pointer = root / f".{CURRENT}.{uuid.uuid4().hex[:8]}.tmp"
-                _write_text(pointer, final.name + "\n")
-                os.replace(pointer, root / CURRENT)
-                _fsync_dir(root)
+                final = publish_generation(root, tmp, gen)
             finally:
                 if tmp.exists():
                     shutil.rmtree(tmp, ignore_errors=True)
