@@ -192,17 +192,10 @@ class FusionTask(DetectorTask):
                 "val_top1_no_text": top1_no_text / n, "val_text_coverage": with_text / n}
 
     def export(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        model = self.unwrap("model")
+        state, meta = super().export()  # the detector's fields: arch, classes, image size, normalisation, weights
         c, t = self.cfg, self.text
-        meta = {
+        meta.update({
             "kind": "fusion",
-            "arch": c.model.arch,
-            "num_classes": len(self.class_names),
-            "class_names": self.class_names,
-            "image_size": self.image_size,
-            "mean": list(self.mean),
-            "std": list(self.std),
-            "pretrained_source": self.pretrained_source,
             "text": {
                 "encoder": t.name, "source": t.source, "config": t.config, "dim": t.encoder.dim,
                 "tokenizer": t.tokenizer.tokenizer_json, "max_length": t.tokenizer.max_length, "pooling": "mean",
@@ -211,5 +204,5 @@ class FusionTask(DetectorTask):
             "fusion": {"type": c.fusion.type, "hidden": c.fusion.hidden, "dropout": c.fusion.dropout,
                        "text_dropout": c.fusion.text_dropout, "inputs": c.fusion.inputs},
             "captions": self.caption_stats,
-        }
-        return model.state_dict(), meta
+        })
+        return state, meta
