@@ -524,7 +524,8 @@ def add_serve_parser(sub) -> None:
             print(f"serving on Ray Serve: {args.replicas} reader replica(s) + 1 writer on http://{args.host}:"
                   f"{args.port}/", file=sys.stderr, flush=True)
             run(args.model, args.db, host=args.host, port=args.port, replicas=args.replicas, token=token,
-                protect_reads=args.protect_reads, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))
+                protect_reads=args.protect_reads, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+                search_threads=args.search_threads)
             return 0
         import uvicorn
 
@@ -535,7 +536,7 @@ def add_serve_parser(sub) -> None:
         for note in ol.notes:
             print(note, file=sys.stderr)
         app = create_app(ol, token=token, protect_reads=args.protect_reads,
-                         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024))
+                         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), search_threads=args.search_threads)
         print(f"serving {len(ol.clf.class_names)} roles on http://{args.host}:{args.port}/ (auth: "
               f"{'off' if token is None else 'bearer token'})", file=sys.stderr, flush=True)
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
@@ -567,6 +568,9 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--protect-reads", action="store_true", help="identification, listing and metrics need the "
                    "token too")
     p.add_argument("--max-upload-mb", type=positive_mb, default=20.0, help="request body limit in MiB (default 20)")
+    p.add_argument("--search-threads", type=int_in(0, 1024), default=1, help="FAISS threads per server process "
+                   "(default 1: one per query, concurrency comes from the requests; 0 = one per core, for few "
+                   "queries on a very large flat database)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--ray", action="store_true", help="run on Ray Serve (a local Ray, or the cluster of $RAY_ADDRESS): "
                    "--replicas readers + one writer")

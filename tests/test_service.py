@@ -248,6 +248,10 @@ def test_embedding_validation(client, system):
         "empty": {"embeddings": []},
         "strings": {"embedding": ["a"] * dim},
         "huge": {"embedding": [3e38] * dim},
+        "booleans": {"embedding": [True] * dim},
+        "nulls": {"embedding": [None] + [1.0] * (dim - 1)},
+        "nested": {"embedding": [[1.0]] * dim},
+        "not a list": {"embeddings": {"a": [1.0] * dim}},
     }
     for what, body in bad.items():
         r = client.post("/identify/embedding", json=body)
@@ -256,8 +260,12 @@ def test_embedding_validation(client, system):
         raw = b'{"embedding": [' + b", ".join([token] + [b"1.0"] * (dim - 1)) + b"]}"
         r = client.post("/identify/embedding", content=raw, headers={"Content-Type": "application/json"})
         assert r.status_code == 422 and ("NaN" in r.text or "finite" in r.text or "infinity" in r.text), token
-    r = client.post("/identify/embedding", content=b"{not json", headers={"Content-Type": "application/json"})
-    assert r.status_code == 422
+    for raw in [b"{not json", b"[1.0, 2.0]", b"", "{\"embedding\": [1.0]}".encode("utf-16")]:
+        r = client.post("/identify/embedding", content=raw, headers={"Content-Type": "application/json"})
+        assert r.status_code == 422 and r.json()["detail"], raw
+    # the schema still documents the body, though the handler parses it itself (orjson)
+    body = client.get("/openapi.json").json()["paths"]["/identify/embedding"]["post"]["requestBody"]
+    assert set(body["content"]["application/json"]["schema"]["properties"]) == {"embedding", "embeddings"}
     assert client.post("/identify/embedding", json={"embedding": [1.0] * dim}, params={"k": 0}).status_code == 422
     assert client.post("/identify", params={"k": "x"}, files=files(png(1))).status_code == 422
 
@@ -434,3 +442,22 @@ def test_enrolment_survives_kill_and_restart(model_file, tmp_path):
         proc.terminate()
         proc.wait(20)
     assert json.loads(json.dumps(roles))  # plain JSON throughout
+
+
+def test_search_threads(system):
+    """The service runs FAISS one thread per query by default (no OpenMP team per request); an explicit count is
+    applied, None leaves it as it is, a negative one is refused."""
+    from animeai.online.feature_db import set_search_threads
+
+    try:
+        create_app(system, token=TOKEN, search_threads=3)
+        assert faiss.omp_get_max_threads() == 3
+        create_app(system, token=TOKEN)
+        assert faiss.omp_get_max_threads() == 1
+        set_search_threads(2)
+        create_app(system, token=TOKEN, search_threads=None)
+        assert faiss.omp_get_max_threads() == 2
+        with pytest.raises(ValueError, match=">= 0"):
+            set_search_threads(-1)
+    finally:
+        faiss.omp_set_num_threads(1)

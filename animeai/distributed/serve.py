@@ -142,9 +142,10 @@ class Reader:
 
 
 def build(model: str, db: str, *, replicas: int = 2, token: str | None = None, protect_reads: bool = False,
-          max_upload_bytes: int = 20 * 1024 * 1024, poll_s: float = 1.0):
+          max_upload_bytes: int = 20 * 1024 * 1024, poll_s: float = 1.0, search_threads: int | None = 1):
     """The Serve application (bind graph): ``replicas`` readers as ingress, one writer."""
-    options = {"token": token, "protect_reads": protect_reads, "max_upload_bytes": max_upload_bytes}
+    options = {"token": token, "protect_reads": protect_reads, "max_upload_bytes": max_upload_bytes,
+               "search_threads": search_threads}
     writer = Writer.bind(model, db, options)
     return Reader.options(num_replicas=replicas).bind(writer, model, db, options, poll_s)
 

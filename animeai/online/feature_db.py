@@ -76,6 +76,26 @@ def require_faiss():
 # ------------------------------------------------------------------------------------------ index kinds
 
 
+def set_search_threads(threads: int) -> int:
+    """FAISS's OpenMP threads in this process (``0``: FAISS's default, one per core); returns the number now used.
+
+    A server answering one query per request should use 1: concurrency then comes from the requests, and FAISS
+    does not open an OpenMP team per query (with several requests in flight on a busy machine those teams
+    spin-wait on one another: a search of a few vectors took 1.9 ms instead of under 0.1 ms in
+    ``bench_service.py``). Batch work (building, evaluating, bulk search) keeps the default."""
+    global _DEFAULT_SEARCH_THREADS
+    faiss = require_faiss()
+    if threads < 0:
+        raise ValueError(f"search threads must be >= 0, got {threads}")
+    if _DEFAULT_SEARCH_THREADS is None:  # FAISS's own default (it honours OMP_NUM_THREADS), before any change
+        _DEFAULT_SEARCH_THREADS = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads or _DEFAULT_SEARCH_THREADS)
+    return faiss.omp_get_max_threads()
+
+
+_DEFAULT_SEARCH_THREADS: int | None = None
+
+
 def _nlist(n: int) -> int:
     """IVF lists: about 4 * sqrt(n), a power of two, and at least 39 training points per list."""
     target = 4 * math.sqrt(max(n, 1))

@@ -27,8 +27,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import json
 import logging
-import math
 import os
 import shutil
 import tempfile
@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field
@@ -48,6 +49,7 @@ from starlette.datastructures import UploadFile
 
 from animeai.data.images import ImageError, load_image
 from animeai.online.errors import OnlineError
+from animeai.online.feature_db import set_search_threads
 from animeai.online.system import check_role_name
 
 log = logging.getLogger("animeai.service")
@@ -266,6 +268,39 @@ class EmbeddingQuery(BaseModel):
     embeddings: list[list[float]] | None = Field(None, description=f"several embeddings (at most {MAX_EMBEDDINGS})")
 
 
+def parse_embeddings(body: bytes, dim: int) -> np.ndarray:
+    """The JSON body of ``/identify/embedding`` (see :class:`EmbeddingQuery`) as an ``(n, dim)`` float64 array;
+    :class:`ApiError` 422 saying what is wrong with it."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        try:  # the standard parser also reads NaN / Infinity, which orjson refuses: they get their own message below
+            doc = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(422, f"the body is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ApiError(422, 'the body must be a JSON object: {"embedding": [numbers]} or {"embeddings": [[...], ...]}')
+    one, many = doc.get("embedding"), doc.get("embeddings")
+    if (one is None) == (many is None):
+        raise ApiError(422, "give exactly one of 'embedding' (a list of numbers) or 'embeddings' (a list of lists)")
+    rows = [one] if one is not None else many
+    if not isinstance(rows, list) or not rows or len(rows) > MAX_EMBEDDINGS:
+        raise ApiError(422, f"give 1 to {MAX_EMBEDDINGS} embeddings, got "
+                       f"{len(rows) if isinstance(rows, list) else type(rows).__name__}")
+    for i, row in enumerate(rows):
+        if not isinstance(row, list) or len(row) != dim:
+            got = f"length {len(row)}" if isinstance(row, list) else f"a {type(row).__name__}"
+            raise ApiError(422, f"embedding {i} has {got}, the model's embeddings are lists of {dim} numbers")
+    arr = np.asarray(rows)
+    if arr.dtype.kind not in "fi" or arr.shape != (len(rows), dim):
+        raise ApiError(422, "embeddings must hold numbers only")
+    arr = arr.astype(np.float64, copy=False)
+    bad = ~np.isfinite(arr).all(axis=1)
+    if bad.any():
+        raise ApiError(422, f"embedding {int(np.argmax(bad))} holds NaN or infinity")
+    return arr
+
+
 def _shown(filename: str | None, i: int) -> str:
     name = (filename or "").strip()
     name = "".join(c if c.isprintable() else "?" for c in name)[:200]
@@ -283,11 +318,15 @@ def _multipart(description: str, with_name: bool = False) -> dict[str, Any]:
 
 def create_app(system, *, token: str | None = None, protect_reads: bool = False,
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
-               thumbnail_dir: str | os.PathLike[str] | None = None, max_files: int = MAX_FILES) -> FastAPI:
+               thumbnail_dir: str | os.PathLike[str] | None = None, max_files: int = MAX_FILES,
+               search_threads: int | None = 1) -> FastAPI:
     """The similarity service over ``system`` (an ``OnlineLearningSystem``). ``token=None``: no auth (the CLI only
-    allows that on a loopback host)."""
+    allows that on a loopback host). ``search_threads``: FAISS threads of this process (one per query by default,
+    see :func:`~animeai.online.feature_db.set_search_threads`; ``0`` one per core, ``None`` leaves it as it is)."""
     if max_upload_bytes < 1:
         raise ValueError(f"max_upload_bytes must be >= 1, got {max_upload_bytes}")
+    if search_threads is not None:
+        set_search_threads(search_threads)
     app = FastAPI(title="animeai similarity service", version="1",
                   description="Identify anime characters in pictures; enrol new ones from a few images.")
     metrics = Metrics()
@@ -298,7 +337,8 @@ def create_app(system, *, token: str | None = None, protect_reads: bool = False,
     app.state.thumbnails = thumbs
     expected = token.encode() if token else None
 
-    def check_token(request: Request) -> None:
+    # async: FastAPI runs a sync dependency in its thread pool, a hop per request for a few string compares
+    async def check_token(request: Request) -> None:
         if expected is None:
             return
         header = request.headers.get("authorization", "")
@@ -309,7 +349,7 @@ def create_app(system, *, token: str | None = None, protect_reads: bool = False,
                                 "this endpoint needs 'Authorization: Bearer <token>'",
                                 headers={"WWW-Authenticate": "Bearer"})
 
-    def no_check() -> None:
+    async def no_check() -> None:
         return None
 
     write_auth = [Depends(check_token)]
@@ -419,24 +459,19 @@ def create_app(system, *, token: str | None = None, protect_reads: bool = False,
         return {"k": k, "results": [{"filename": f, "matches": with_thumbs(a)} for (f, _), a in zip(images, answers)]}
 
     @app.post("/identify/embedding", tags=["identify"], summary="top-k roles for raw embeddings",
-              dependencies=read_auth)
-    def identify_embedding(query: EmbeddingQuery, k: int = Query(5, ge=1, le=MAX_K)) -> dict[str, Any]:
-        if (query.embedding is None) == (query.embeddings is None):
-            raise ApiError(422, "give exactly one of 'embedding' (a list of numbers) or 'embeddings' (a list of "
-                           "lists)")
-        rows = [query.embedding] if query.embedding is not None else query.embeddings
-        if not rows or len(rows) > MAX_EMBEDDINGS:
-            raise ApiError(422, f"give 1 to {MAX_EMBEDDINGS} embeddings, got {len(rows or [])}")
-        for i, row in enumerate(rows):
-            if len(row) != system.dim:
-                raise ApiError(422, f"embedding {i} has length {len(row)}, the model's embeddings have {system.dim}")
-            if not all(math.isfinite(v) for v in row):
-                raise ApiError(422, f"embedding {i} holds NaN or infinity")
+              dependencies=read_auth, openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": EmbeddingQuery.model_json_schema()}}}})
+    async def identify_embedding(request: Request, k: int = Query(5, ge=1, le=MAX_K)) -> Response:
+        # The hot path of the service, kept lean: the body parsed by orjson (8x the standard parser on a 1280-float
+        # list), no model validation layer, and the lookup (a few hundred microseconds of numpy and one FAISS
+        # search) run on the event loop rather than through a thread-pool hop.
+        feats = parse_embeddings(await request.body(), system.dim)
         try:
-            answers = system.identify_features(np.asarray(rows, dtype=np.float64), k)
+            answers = system.identify_features(feats, k)
         except OnlineError as exc:
             raise ApiError(422, str(exc)) from None
-        return {"k": k, "results": [{"matches": with_thumbs(a)} for a in answers]}
+        return Response(orjson.dumps({"k": k, "results": [{"matches": with_thumbs(a)} for a in answers]}),
+                        media_type="application/json")
 
     # ---------------------------------------------------------------- roles
 

@@ -35,6 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--teacher", help="the teacher's classifier model file (required unless --quick)")
     p.add_argument("--student", default="mobilenetv2_100", help="student architecture (default: %(default)s)")
     p.add_argument("--student-pretrained", default="auto", help="student weights (default: %(default)s)")
+    p.add_argument("--student-size", type=int, default=0, help="the student's input side in pixels; 0 = the teacher's "
+                   "(default: %(default)s). The hard-label student trains at the same size.")
+    p.add_argument("--freeze-stages", type=int, default=0, help="student stages kept frozen (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=20, help="epochs of every student run (default: %(default)s)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="run seeds (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=32, help="training batch size (default: %(default)s)")
@@ -78,11 +81,12 @@ def train_student(args, data: str, teacher: str, seed: int, kd: bool, work: Path
     from animeai.tasks.detector import DetectorTask
     from animeai.tasks.distill import DistillTask
 
-    size = int(read_metadata(teacher)["image_size"])
+    size = args.student_size or int(read_metadata(teacher)["image_size"])
     name = f"{'kd' if kd else 'hard'}_seed{seed}"
     common = {
         "data.root": data, "data.image_size": size, "data.num_workers": args.loader_workers, "model.arch": args.student,
-        "model.pretrained": args.student_pretrained, "optim.batch_size": args.batch_size, "optim.lr": args.lr,
+        "model.pretrained": args.student_pretrained,
+        "model.freeze_stages": args.freeze_stages, "optim.batch_size": args.batch_size, "optim.lr": args.lr,
         "optim.label_smoothing": 0.0, "run.epochs": args.epochs, "run.seed": seed, "run.progress": False,
         "run.out": str(work / f"{name}.pth"), "run.run_dir": str(work / f"{name}_run"), "run.overwrite": True,
     }
