@@ -38,29 +38,30 @@ def served(model_file, tmp_path):  # noqa: F811
 
 def test_two_replicas_one_writer(served):
     url = served
+    role = "新角色 ray"  # a unicode name with a space: in paths it crosses the proxy and the reader percent-encoded
     with httpx.Client(base_url=url, timeout=60) as h:
         assert h.get("/readyz").json()["roles"] == 3
         assert h.post("/roles", data={"name": "x"}, files=files(png(1))).status_code == 401
-        r = h.post("/roles", data={"name": "rayrole"}, files=files(png(1), png(2)), headers=AUTH)
+        r = h.post("/roles", data={"name": role}, files=files(png(1), png(2)), headers=AUTH)
         assert r.status_code == 201, r.text
-        assert h.post("/roles", data={"name": "rayrole"}, files=files(png(1)), headers=AUTH).status_code == 409
+        assert h.post("/roles", data={"name": role}, files=files(png(1)), headers=AUTH).status_code == 409
         assert h.post("/identify", files=files(b"nope", names=["bad.txt"])).status_code == 400
         deadline = time.time() + 30
         seen = []
         while time.time() < deadline:  # every replica picks the new version up within a few polls
-            seen = [["rayrole" in {x["name"] for x in h.get("/roles").json()["roles"]}] for _ in range(8)]
+            seen = [[role in {x["name"] for x in h.get("/roles").json()["roles"]}] for _ in range(8)]
             if all(s[0] for s in seen):
                 break
             time.sleep(0.5)
         assert all(s[0] for s in seen), seen
         res = h.post("/identify", params={"k": 4}, files=files(png(1))).json()["results"][0]["matches"]
-        assert "rayrole" in {m["role"] for m in res}
-        assert h.get("/roles/rayrole/thumbnail").status_code == 200
-        assert h.delete("/roles/rayrole", headers=AUTH).status_code == 200
+        assert role in {m["role"] for m in res}
+        assert h.get(f"/roles/{role}/thumbnail").status_code == 200
+        assert h.delete(f"/roles/{role}", headers=AUTH).status_code == 200
         deadline = time.time() + 30
         while time.time() < deadline:
             names = [{x["name"] for x in h.get("/roles").json()["roles"]} for _ in range(8)]
-            if not any("rayrole" in n for n in names):
+            if not any(role in n for n in names):
                 break
             time.sleep(0.5)
-        assert not any("rayrole" in n for n in names)
+        assert not any(role in n for n in names)

@@ -22,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from ray import serve
 from starlette.requests import Request
@@ -56,16 +57,39 @@ def _is_write(method: str, path: str) -> bool:
 
 async def _forward(app, method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]],
                    body: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    """Run one request through an ASGI app in this process."""
-    import httpx
+    """Run one request through an ASGI app in this process: a plain ASGI call (no client library, no socket),
+    the body handed over at once, the client "disconnects" only after the whole response is sent."""
+    drop = {b"host", b"content-length", b"transfer-encoding", b"connection"}
+    scope = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+        "method": method, "scheme": "http", "path": path, "raw_path": quote(path).encode("ascii"), "root_path": "",
+        "query_string": query, "client": ("127.0.0.1", 0), "server": ("replica", 80),
+        "headers": [(k.lower(), v) for k, v in headers if k.lower() not in drop]
+        + [(b"host", b"replica"), (b"content-length", str(len(body)).encode("ascii"))],
+    }
+    done = asyncio.Event()
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+    status, out_headers, chunks = 500, [], []
 
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://replica") as client:
-        url = path + ("?" + query.decode("latin-1") if query else "")
-        drop = {b"host", b"content-length", b"transfer-encoding", b"connection"}
-        r = await client.request(method, url, content=body,
-                                 headers=[(k, v) for k, v in headers if k.lower() not in drop])
-        return r.status_code, [(k, v) for k, v in r.headers.raw if k.lower() not in drop], r.content
+    async def receive():
+        if pending:
+            return pending.pop()
+        await done.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        nonlocal status, out_headers
+        if message["type"] == "http.response.start":
+            status = int(message["status"])
+            out_headers = [(k, v) for k, v in message.get("headers", []) if k.lower() not in drop]
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                done.set()
+
+    await app(scope, receive, send)
+    done.set()
+    return status, out_headers, b"".join(chunks)
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.5})
