@@ -260,7 +260,8 @@ def test_embedding_validation(client, system):
         raw = b'{"embedding": [' + b", ".join([token] + [b"1.0"] * (dim - 1)) + b"]}"
         r = client.post("/identify/embedding", content=raw, headers={"Content-Type": "application/json"})
         assert r.status_code == 422 and ("NaN" in r.text or "finite" in r.text or "infinity" in r.text), token
-    for raw in [b"{not json", b"[1.0, 2.0]", b"", "{\"embedding\": [1.0]}".encode("utf-16")]:
+    for raw in [b"{not json", b"[1.0, 2.0]", b"", "{\"embedding\": [1.0]}".encode("utf-16"), b"[" * 200_000,
+                b'{"embedding": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"]:
         r = client.post("/identify/embedding", content=raw, headers={"Content-Type": "application/json"})
         assert r.status_code == 422 and r.json()["detail"], raw
     # the schema still documents the body, though the handler parses it itself (orjson)

@@ -276,8 +276,8 @@ def parse_embeddings(body: bytes, dim: int) -> np.ndarray:
     except orjson.JSONDecodeError:
         try:  # the standard parser also reads NaN / Infinity, which orjson refuses: they get their own message below
             doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ApiError(422, f"the body is not valid JSON: {exc}") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: "[[[[..." nested deep
+            raise ApiError(422, f"the body is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(doc, dict):
         raise ApiError(422, 'the body must be a JSON object: {"embedding": [numbers]} or {"embeddings": [[...], ...]}')
     one, many = doc.get("embedding"), doc.get("embeddings")
