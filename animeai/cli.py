@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from animeai import __version__
-from animeai.config import add_config_arguments, config_from_args
+from animeai.config import ConfigError, add_config_arguments, config_from_args
 
 EXAMPLES = """\
 examples:
@@ -87,6 +87,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = resume_config(cfg_cls, explicit_overrides(cfg_cls, args, args.config), task_cls.resume_safe_keys)
     else:
         cfg = config_from_args(cfg_cls, args, args.config)
+    if getattr(getattr(cfg, "data", None), "engine", "torch") == "ray":
+        raise ConfigError("--data-engine ray streams the training images to Ray Train workers: run it as a Ray job "
+                          f"(e.g. python jobs/train_detector.py --data-engine ray ...); `animeai train {args.task}` "
+                          "runs here with --data-engine torch")
     result = train(cfg, task_cls(cfg))
     best = {k: v for k, v in result.best_metrics.items() if isinstance(v, (int, float))}
     print(json.dumps({"model": str(result.model_path), "run_dir": str(result.run_dir), "best": best}, indent=2))

@@ -105,6 +105,12 @@ class DataConfig(Section):
                                  ge=1)
     num_workers: int = opt(2, "DataLoader worker processes (0 = load in the main process).", flag="loader-workers",
                             ge=0, le=256)
+    engine: str = opt(
+        "torch", "Who decodes and augments the training images: torch (a DataLoader with --loader-workers processes "
+        "beside each training process) | ray (Ray Data tasks anywhere on the Ray cluster, CPU-only nodes included, "
+        "streamed to each Ray Train worker; same seeded per-epoch order; Ray Train jobs only). Validation images "
+        "always go through the DataLoader.", flag="data-engine", choices=("torch", "ray"))
+    ray_decode_cpus: float = opt(1.0, "CPUs each Ray Data decode task asks for (--data-engine ray).", gt=0, le=64)
     manifest: str = opt(
         "auto", "The data manifest (each image decoded once; later runs decode only new or changed files): auto "
         "(<data>/.animeai-manifest.json, or $ANIMEAI_CACHE/manifests/ when the data folder is read-only) | off "
@@ -487,6 +493,12 @@ class FusionDataConfig(DataConfig):
         "and/or captions.jsonl lines {\"file\": ..., \"text\": ...}. Images without text are allowed.",
         flag="data",
     )
+
+    def check(self) -> None:
+        super().check()
+        if self.engine != "torch":
+            raise FieldError("engine", "data-engine", "fusion trains with the DataLoader engine only (its batches "
+                             "carry tokenised texts); use --data-engine torch")
 
 
 @dataclass(frozen=True)

@@ -111,8 +111,14 @@ class DetectorTask(Task):
         self.train_sampler = EpochShuffleSampler(len(train_ds), seed=cfg.run.seed)
         common = dict(num_workers=d.num_workers, pin_memory=torch.cuda.is_available(),
                       persistent_workers=d.num_workers > 0)
-        self.train_loader = DataLoader(train_ds, batch_size=bs, sampler=self.train_sampler,
-                                       drop_last=len(train_ds) > bs, **common)
+        if d.engine == "ray":  # decoded by Ray Data tasks on the cluster, streamed in the sampler's order
+            from animeai.distributed.ray_data import make_train_loader
+
+            self.train_loader = make_train_loader(train_ds, bs, seed=cfg.run.seed, accelerator=accelerator,
+                                                  cpus=d.ray_decode_cpus, drop_last=len(train_ds) > bs)
+        else:
+            self.train_loader = DataLoader(train_ds, batch_size=bs, sampler=self.train_sampler,
+                                           drop_last=len(train_ds) > bs, **common)
         self.val_loader = DataLoader(val_ds, batch_size=bs, shuffle=False, **common)
 
     @classmethod
