@@ -61,7 +61,8 @@ def test_loader_streams_the_datasets_images_in_order(local_ray, synth_root):
     assert len(list(other)) == len(other) == (len(ds) // 2) // 16
 
 
-def test_no_cpu_left_to_decode_is_an_error_not_a_hang(local_ray, synth_root):
+def test_no_cpu_left_to_decode_is_an_error_not_a_hang(local_ray, synth_root, monkeypatch):
+    monkeypatch.setattr("animeai.distributed.ray_data.CAPACITY_WAIT_S", 0.5)
     loader = RayDataLoader(_dataset(synth_root), 8, seed=0, rank=0, world=1, device="cpu", cpus=64)
     with pytest.raises(RayDataError, match="no CPU free for decode tasks"):
         next(iter(loader))

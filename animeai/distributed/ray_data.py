@@ -23,6 +23,7 @@ nodes included, and the batches stream into each Ray Train worker.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -30,6 +31,8 @@ import ray
 import torch
 
 from animeai.data.folder import EpochShuffleSampler
+
+CAPACITY_WAIT_S = 10.0  # how long the first epoch waits for a CPU to come free before calling it an error
 
 
 class RayDataError(RuntimeError):
@@ -85,7 +88,7 @@ class RayDataLoader:
         self.dataset, self.batch_size, self.seed = dataset, int(batch_size), int(seed)
         self.rank, self.world, self.device = int(rank), int(world), torch.device(device)
         self.drop_last, self.cpus = drop_last, float(cpus)
-        self.prefetch_batches, self.epoch = prefetch_batches, 0
+        self.prefetch_batches, self.epoch, self._capacity_checked = prefetch_batches, 0, False
         self.per_rank = len(dataset) // self.world
         if self.per_rank == 0:
             raise RayDataError(f"{len(dataset)} training images cannot be shared by {self.world} workers")
@@ -98,12 +101,20 @@ class RayDataLoader:
         return full + (1 if rest and not (self.drop_last and full) else 0)
 
     def _check_capacity(self) -> None:
+        """Before the first epoch: a CPU must be free for decode tasks (allowing a few seconds for work that is
+        ending, e.g. the previous dataset's tasks), or Ray Data would wait for one forever."""
+        if self._capacity_checked:
+            return
         total = float(ray.cluster_resources().get("CPU", 0.0))
-        if free_cpus() < self.cpus and total > 0:
+        deadline = time.monotonic() + CAPACITY_WAIT_S
+        while free_cpus() < self.cpus and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if free_cpus() < self.cpus:
             raise RayDataError(
                 f"--data-engine ray: no CPU free for decode tasks (each asks for {self.cpus:g}; the cluster has "
                 f"{total:g} CPUs, {free_cpus():g} free while the training workers run). Give the cluster CPU-only "
                 "nodes, lower --cpus-per-worker or --ray-decode-cpus, or use --data-engine torch")
+        self._capacity_checked = True
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._check_capacity()
