@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -280,3 +281,41 @@ def test_resume_continues_the_distillation_run(setup, capsys):
     assert main(["train", "distill", "--out", str(out), "--run-dir", str(run_dir), "--resume", "--epochs", "7",
                  "--temperature", "8"]) == 2
     assert "temperature" in capsys.readouterr().err
+
+
+def test_mobilenetv2_student_weights_through_the_hub_path(tmp_path):
+    """`--student mobilenetv2_100 --student-pretrained hub` loads timm's hub checkpoint (timm/mobilenetv2_100.ra_in1k)
+    through timm's own hub code: the weights here come from a hub cache laid out as a download leaves it
+    (HF_HUB_OFFLINE=1; the network is the only part not exercised). The backbone gets exactly those weights, the
+    head is new, and the model records the source."""
+    import subprocess
+    import sys
+
+    import timm
+    from safetensors.torch import save_file
+
+    commit = "fedcba9876543210fedcba9876543210fedcba98"
+    repo = tmp_path / "hf" / "models--timm--mobilenetv2_100.ra_in1k"
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    torch.manual_seed(0)
+    ref = timm.create_model("mobilenetv2_100", pretrained=False)
+    sd = {k: (torch.randn_like(v) * 0.05 if v.is_floating_point() else v) for k, v in ref.state_dict().items()}
+    save_file(sd, snap / "model.safetensors")
+    save_file({"stem": sd["conv_stem.weight"]}, tmp_path / "stem.safetensors")
+    code = (
+        "import torch\n"
+        "from safetensors.torch import load_file\n"
+        "from animeai.models import create_model\n"
+        "m = create_model('mobilenetv2_100', 7, pretrained='hub')\n"
+        "stem = load_file(r'%s')['stem']\n"
+        "assert torch.equal(m.state_dict()['conv_stem.weight'], stem), 'backbone weights differ from the hub file'\n"
+        "assert m.get_classifier().out_features == 7\n"
+        "print(m.animeai_pretrained_source)\n" % (tmp_path / "stem.safetensors")
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "hub:timm/mobilenetv2_100.ra_in1k"
