@@ -48,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--loader-workers", type=int, default=2, help="default: %(default)s")
     p.add_argument("--repeats", type=int, default=7, help="timed repeats per speed measurement (default: %(default)s)")
     p.add_argument("--work-dir", type=Path, default=None, help="where models and runs go (default: a temp folder)")
+    p.add_argument("--speed-only", nargs="+", metavar="STUDENT", help="no training: speed, size and top-1 of "
+                   "--teacher and these student files (e.g. again on a quiet machine)")
     args = p.parse_args(argv)
     if args.quick:
         args.epochs, args.seeds, args.batch_size, args.repeats, args.loader_workers = 2, [0, 1], 12, 2, 0
@@ -142,6 +144,28 @@ def describe(model: str) -> dict[str, Any]:
     return {"arch": meta["arch"], "params": params, "file_mb": Path(model).stat().st_size / 2**20}
 
 
+def speed_only(args, teacher: str, val: str, work: Path) -> int:
+    t = speed(teacher, work, args.repeats)
+    rows, results = [], {"teacher": {"model": teacher, **describe(teacher), "speed": t}, "students": []}
+    for model in [teacher, *args.speed_only]:
+        sp = t if model == teacher else speed(model, work, args.repeats)
+        d = describe(model)
+        acc = top1(model, val)
+        row = {"model": model, **d, "top1": acc, "speed": sp,
+               "speedup_bs1_torch": t["torch_bs1"]["ms_per_batch"] / sp["torch_bs1"]["ms_per_batch"],
+               "speedup_bs1_onnx": t["onnx_bs1"]["ms_per_batch"] / sp["onnx_bs1"]["ms_per_batch"]}
+        if model != teacher:
+            results["students"].append(row)
+        rows.append([Path(model).name, d["arch"], f"{acc:.4f}", f"{d['params'] / 1e6:.2f}M", f"{d['file_mb']:.1f}",
+                     f"{sp['torch_bs1']['ms_per_batch']:.2f}", f"{sp['onnx_bs1']['ms_per_batch']:.2f}",
+                     f"{sp['torch_bs32']['images_per_s']:.0f}", f"{sp['onnx_bs32']['images_per_s']:.0f}",
+                     f"{row['speedup_bs1_torch']:.2f}", f"{row['speedup_bs1_onnx']:.2f}"])
+    print_table(["model", "arch", "val top-1", "params", "MB", "torch bs1 ms", "onnx bs1 ms", "torch bs32 img/s",
+                 "onnx bs32 img/s", "x teacher torch", "x teacher onnx"], rows)
+    write_json(args.out, NAME, {k: str(v) for k, v in vars(args).items()}, results, machine_info())
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     apply_threads(args.threads)
@@ -149,6 +173,8 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     data, teacher = quick_setup(work) if args.quick else (args.data, args.teacher)
     val = str(Path(data) / "val") if (Path(data) / "val").is_dir() else data
+    if args.speed_only:
+        return speed_only(args, teacher, val, work)
     results: dict[str, Any] = {"teacher": {"model": teacher, "top1": top1(teacher, val), **describe(teacher)},
                                "kd": [], "hard": []}
     for seed in args.seeds:
