@@ -152,7 +152,7 @@ def main(argv=None) -> int:
         iv, _ = embed_all(plain, pv, [])
         rows["ImageNet backbone, no fine-tuning"] = prototype_top1(itr, ytr, iv, yv, new_ids, old_ids, *k)
     print_table(["embedding", "new roles top-1", "spread", "old roles top-1"],
-                [[name, round(a, 4), round(s, 4), round(o, 4)] for name, (a, s, o) in rows.items()],
+                [[name, f"{a:.3f}", f"{s:.3f}", f"{o:.3f}"] for name, (a, s, o) in rows.items()],
                 title=f"{NAME}: nearest prototype over {len(names)} roles, {len(new)} unseen ({', '.join(new)}), "
                       f"{args.shots} shots, {args.draws} draws (goal of issue 13: new roles >= 0.80)")
     write_json(args.out, NAME, {k: str(v) for k, v in vars(args).items()},
