@@ -30,7 +30,7 @@ import numpy as np
 import ray
 import torch
 
-from animeai.data.folder import EpochShuffleSampler
+from animeai.data.folder import EpochShuffleSampler, num_batches
 
 CAPACITY_WAIT_S = 10.0  # how long the first epoch waits for a CPU to come free before calling it an error
 
@@ -96,9 +96,8 @@ class RayDataLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def __len__(self) -> int:
-        full, rest = divmod(self.per_rank, self.batch_size)
-        return full + (1 if rest and not (self.drop_last and full) else 0)
+    def __len__(self) -> int:  # the DataLoader engine's rule: a partial batch is dropped only if a full one exists
+        return num_batches(self.per_rank, self.batch_size, self.drop_last and self.per_rank > self.batch_size)
 
     def _check_capacity(self) -> None:
         """Before the first epoch: a CPU must be free for decode tasks (allowing a few seconds for work that is
@@ -119,8 +118,7 @@ class RayDataLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self._check_capacity()
         order = shard_order(len(self.dataset), self.seed, self.epoch, self.rank, self.world)
-        keep = len(self) * self.batch_size if self.drop_last and len(self) else len(order)
-        order = np.asarray(order[:keep], dtype=np.int64)
+        order = np.asarray(order[: len(self) * self.batch_size], dtype=np.int64)
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
         ctx.enable_progress_bars = False
