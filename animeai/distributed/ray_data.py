@@ -7,7 +7,8 @@ nodes included, and the batches stream into each Ray Train worker.
 
 * **What is streamed**: a task's map-style training dataset (``dataset[i] -> (image tensor, label)``: the same
   decode, EXIF, mode and size guards and the same augmentation as the DataLoader engine). The dataset is put in
-  Ray's object store once per epoch; decode tasks take index batches and return stacked arrays.
+  Ray's object store once per loader (each decode process fetches it once); decode tasks take index batches and
+  return stacked arrays.
 * **Order**: the epoch's image order is the DataLoader engine's (a permutation seeded by ``(seed, epoch)``, see
   :class:`~animeai.data.folder.EpochShuffleSampler`); rank ``r`` of ``w`` takes positions ``r, r + w, ...`` of the
   first ``w * (n // w)`` (every rank the same number of steps, as DDP needs), and Ray Data keeps that order
@@ -89,6 +90,7 @@ class RayDataLoader:
         self.rank, self.world, self.device = int(rank), int(world), torch.device(device)
         self.drop_last, self.cpus = drop_last, float(cpus)
         self.prefetch_batches, self.epoch, self._capacity_checked = prefetch_batches, 0, False
+        self._dataset_ref = None  # put in the object store at the first epoch, reused by every later one
         self.per_rank = len(dataset) // self.world
         if self.per_rank == 0:
             raise RayDataError(f"{len(dataset)} training images cannot be shared by {self.world} workers")
@@ -122,7 +124,9 @@ class RayDataLoader:
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
         ctx.enable_progress_bars = False
-        ds = ray.data.from_numpy(order).map_batches(_decode, fn_args=(ray.put(self.dataset),),
+        if self._dataset_ref is None:
+            self._dataset_ref = ray.put(self.dataset)
+        ds = ray.data.from_numpy(order).map_batches(_decode, fn_args=(self._dataset_ref,),
                                                     batch_size=self.batch_size, num_cpus=self.cpus,
                                                     batch_format="numpy")
         for batch in ds.iter_torch_batches(batch_size=self.batch_size, drop_last=False,
