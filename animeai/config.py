@@ -209,6 +209,19 @@ class RunConfig(Section):
 
 
 @dataclass(frozen=True)
+class MetricConfig(Section):
+    weight: float = opt(
+        0.0, "Weight of a cosine-proxy metric loss (NormSoftmax / CosFace) on the pooled features, trained beside the "
+        "classifier's cross-entropy: characters separate by angle in the embedding the online system stores, which "
+        "helps characters enrolled later from a few images. 0 = off (plain cross-entropy).", flag="metric-weight",
+        ge=0, le=100)
+    scale: float = opt(16.0, "Scale (inverse temperature) of the metric loss's cosine logits.", flag="metric-scale",
+                       gt=0, le=1000)
+    margin: float = opt(0.1, "Additive cosine margin of the metric loss for the true class (CosFace).",
+                        flag="metric-margin", ge=0, lt=1)
+
+
+@dataclass(frozen=True)
 class DetectorConfig:
     """Character classifier: pretrained backbone + new head, cross-entropy, AdamW, cosine schedule."""
 
@@ -216,6 +229,7 @@ class DetectorConfig:
     augment: AugmentConfig = section(AugmentConfig)
     model: ModelConfig = section(ModelConfig)
     optim: OptimConfig = section(OptimConfig)
+    metric: MetricConfig = section(MetricConfig)
     run: RunConfig = section(RunConfig)
 
 

@@ -14,6 +14,7 @@ from animeai.data.folder import EpochShuffleSampler, ImageFolderDataset, build_s
 from animeai.data.transforms import eval_transform, train_transform
 from animeai.metrics import topk_correct
 from animeai.models import create_model, get_model_spec
+from animeai.models.metric import CosineProxyLoss, PooledFeatures
 from animeai.models.registry import freeze_stages, init_head, set_frozen_eval
 from animeai.tasks.base import Task
 
@@ -57,7 +58,14 @@ class DetectorTask(Task):
         model = self.finish_model(model)
         self.mean, self.std = spec.mean, spec.std
         self.models = {"model": model}
-        self.optimizers = {"model": make_optimizer(model, self.cfg.optim.lr, self.cfg.optim.weight_decay)}
+        optimizer = make_optimizer(model, self.cfg.optim.lr, self.cfg.optim.weight_decay)
+        mc = self.cfg.metric
+        if mc.weight > 0:  # cosine proxies, in the same optimizer without weight decay (they are normalised)
+            metric = CosineProxyLoss(len(self.class_names), int(model.num_features), mc.scale, mc.margin)
+            self.pooled = PooledFeatures(model)
+            self.models["metric"] = metric
+            optimizer.add_param_group({"params": list(metric.parameters()), "weight_decay": 0.0})
+        self.optimizers = {"model": optimizer}
 
     # --- pieces shared with tasks that train a classifier on the same data (distillation) ---------------
     def build_backbone(self):
@@ -159,7 +167,11 @@ class DetectorTask(Task):
         images, labels = batch
         logits = self.models["model"](images)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.optim.label_smoothing)
-        return {"loss": loss}
+        if "metric" not in self.models:
+            return {"loss": loss}
+        metric = self.models["metric"](self.pooled.take(), labels)
+        total = loss + self.cfg.metric.weight * metric
+        return {"loss": total, "ce_loss": loss.detach(), "metric_loss": metric.detach()}
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -188,4 +200,7 @@ class DetectorTask(Task):
             "std": list(self.std),
             "pretrained_source": self.pretrained_source,
         }
+        if "metric" in self.models:  # how the embedding was trained (the proxies stay out of the file)
+            mc = self.cfg.metric
+            meta["metric_loss"] = {"kind": "cosine_proxy", "weight": mc.weight, "scale": mc.scale, "margin": mc.margin}
         return model.state_dict(), meta

@@ -34,6 +34,24 @@ def add_common_args(parser: argparse.ArgumentParser, name: str) -> None:
                         help="torch intra-op threads (torch.set_num_threads); 0 = leave torch's default")
 
 
+def add_set_arg(parser: argparse.ArgumentParser, what: str, example: str) -> None:
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"{what} config override, YAML value, e.g. --set {example} (repeatable)")
+
+
+def parse_set(items: Sequence[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items as ``{dotted key: YAML-parsed value}``; a malformed item exits with a message."""
+    import yaml
+
+    over: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+        over[key.strip()] = yaml.safe_load(value)
+    return over
+
+
 def apply_threads(threads: int) -> None:
     import torch
 

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import add_common_args, apply_threads, machine_info, print_table, write_json
+from _common import add_common_args, add_set_arg, apply_threads, machine_info, parse_set, print_table, write_json
 
 NAME = "bench_generator_holo20"
 GOAL_RECOGNITION = 0.50
@@ -60,8 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--judge", type=Path, help="use this judge model file (default: train/reuse one in --work)")
     p.add_argument("--work", type=Path, default=Path("runs") / NAME,
                    help="classifiers, generators and sample grids (default: runs/bench_generator_holo20, git-ignored)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="generator config override, YAML value, e.g. --set loss.cls=0.5 (repeatable)")
+    add_set_arg(p, "generator", "loss.cls=0.5")
     args = p.parse_args(argv)
     if args.quick:
         args.minutes, args.characters, args.n, args.classifier_epochs = 0.2, args.characters if "," in \
@@ -154,7 +153,6 @@ def main(argv=None) -> int:
     args.data = data
     apply_threads(args.threads)
 
-    import yaml
 
     from animeai.gen_eval import evaluate_generator
 
@@ -167,12 +165,7 @@ def main(argv=None) -> int:
         if unknown:
             raise SystemExit(f"--characters: unknown {', '.join(unknown)}; holo20 has {', '.join(names)}")
     discs = [d.strip() for d in args.discriminators.split(",") if d.strip()]
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
-        overrides[key.strip()] = yaml.safe_load(value)
+    overrides = parse_set(args.set)
     args.work.mkdir(parents=True, exist_ok=True)
 
     detector, det_info = (args.detector, {"model": str(args.detector)}) if args.detector else \

@@ -23,7 +23,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import add_common_args, apply_threads, machine_info, median, print_table, write_json
+from _common import (
+    add_common_args,
+    add_set_arg,
+    apply_threads,
+    machine_info,
+    median,
+    parse_set,
+    print_table,
+    write_json,
+)
 
 NAME = "bench_holo20_accuracy"
 GOAL_TOP1 = 0.90
@@ -51,8 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, help="override data.num_workers")
     p.add_argument("--max-steps", type=int, help="override run.max_steps_per_epoch (0 = full epochs)")
     p.add_argument("--cpu", action="store_true", help="train and evaluate on the CPU even if a GPU is present")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other dotted config override, YAML value, e.g. --set optim.lr=3e-4 (repeatable)")
+    add_set_arg(p, "any other dotted", "optim.lr=3e-4")
     p.add_argument("--model-out", type=Path,
                    help="keep the trained model file here (default: a temporary file, deleted at the end)")
     p.add_argument("--run-dir", type=Path, help="keep the run folder here (default: temporary)")
@@ -65,7 +73,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def overrides_from(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    import yaml
 
     over: dict[str, Any] = {
         "data.root": str(args.data / "train"),
@@ -82,11 +89,7 @@ def overrides_from(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             over[key] = getattr(args, flag)
     if args.cpu:
         over["run.cpu"] = True
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
-        over[key.strip()] = yaml.safe_load(value)
+    over.update(parse_set(args.set))
     return over
 
 

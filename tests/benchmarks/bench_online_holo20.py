@@ -18,19 +18,21 @@ Run (from the repository root)::
 
     python tests/benchmarks/bench_online_holo20.py
     python tests/benchmarks/bench_online_holo20.py --epochs 4 --shots 5     # a quicker detector
+    python tests/benchmarks/bench_online_holo20.py --set metric.weight=1    # the detector with the metric loss
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import re
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from _common import add_common_args, apply_threads, machine_info, print_table, write_json
+from _common import add_common_args, add_set_arg, apply_threads, machine_info, parse_set, print_table, write_json
 
 NAME = "bench_online_holo20"
 REPO = Path(__file__).resolve().parents[2]
@@ -50,6 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weights", default="0,0.25,0.5,0.75,1",
                    help="classifier weights w to score (score = w * classifier + (1 - w) * database)")
     p.add_argument("--seed", type=int, default=0, help="which train images are the shots")
+    add_set_arg(p, "detector", "metric.weight=1 (the detector file's name then records the overrides)")
     args = p.parse_args(argv)
     if args.quick:
         args.epochs = args.epochs or 1
@@ -80,12 +83,13 @@ def train_detector(args, root: Path, out: Path) -> dict[str, Any]:
     from animeai.tasks.detector import DetectorTask
 
     recipe = Path(animeai.__file__).parent / "configs" / "holo20_lite0.yaml"
-    run_dir = args.work / "detector_run"
+    run_dir = out.with_name(out.stem + "_run")
     over: dict[str, Any] = {"data.root": str(root / "train"), "data.val_root": str(root / "val"),
                             "run.out": str(out), "run.run_dir": str(run_dir),
                             "run.progress": False, "run.overwrite": True}
     if args.epochs:
         over["run.epochs"] = args.epochs
+    over.update(parse_set(args.set))
     if args.quick:
         over["run.max_steps_per_epoch"] = 3
     cfg = load_config(DetectorConfig, recipe, over)
@@ -139,7 +143,9 @@ def main(argv=None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     tag = "_".join(new)
     root = link_subset(data, old, args.work / f"data_without_{tag}")
-    detector = train_detector(args, root, args.work / f"detector_without_{tag}.pth")
+    variant = "".join(f"__{k}={v}" for k, v in sorted(parse_set(args.set).items()))
+    variant = re.sub(r"[^A-Za-z0-9_.=-]", "_", variant)
+    detector = train_detector(args, root, args.work / f"detector_without_{tag}{variant}.pth")
     print(f"{NAME}: old roles ({len(old)}): {', '.join(old)}\n  new roles ({len(new)}): {', '.join(new)}", flush=True)
 
     # Before: the 15-class model alone on the old roles' val images.
@@ -147,7 +153,7 @@ def main(argv=None) -> int:
     before = clf.evaluate_folder(root / "val")
     before_per_role = {r: before["per_class"][r]["accuracy"] for r in old}
 
-    db = args.work / f"feature_db_{tag}"
+    db = args.work / f"feature_db_{tag}{variant}"
     if db.exists():
         import shutil
 
