@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # torch/torchvision are installed first, pinned to the release this project is tested with.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-EXTRAS ?= dev,ray,online,serve,export,fusion
+EXTRAS ?= dev,ray,online,serve,export,fusion,cloud
 DEMO_DATA ?= data/demo_characters
 DEMO_MODEL ?= models/demo_classifier.pth
 

@@ -19,8 +19,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from animeai.data import remote
 from animeai.data.images import (
     DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
     ImageError,
     access_error,
     link_loop_error,
@@ -28,8 +30,9 @@ from animeai.data.images import (
     validate_images,
 )
 from animeai.data.manifest import Manifest, gc_paused, open_manifest
+from animeai.data.remote import is_url
 
-Sample = tuple[Path, int]
+Sample = tuple[Path | str, int]  # a local path, or an object-storage URL
 
 
 class DatasetError(ValueError):
@@ -56,6 +59,11 @@ def _visible(name: str) -> bool:
 
 
 def has_train_val(root: str | Path) -> bool:
+    if is_url(root):
+        try:
+            return {"train", "val"} <= remote.top_folders(root)
+        except remote.RemoteDataError as exc:
+            raise DatasetError(str(exc)) from None
     root = Path(root)
     return (root / "train").is_dir() and (root / "val").is_dir()
 
@@ -161,7 +169,7 @@ def check_not_split_folders(root: str | Path, classes: Sequence[str]) -> None:
 
     Such a root would otherwise train one class called "train" (or "val", "test", ...).
     """
-    root = Path(root)
+    root = str(root).rstrip("/") if is_url(root) else Path(root)
     split = [c for c in classes if c.casefold() in SPLIT_FOLDER_NAMES]
     if not split:
         return
@@ -171,7 +179,7 @@ def check_not_split_folders(root: str | Path, classes: Sequence[str]) -> None:
     if "train" in by_fold and "val" not in by_fold:
         rename = f" (or rename {others[0]}/ to val/)" if others else ""
         what, fix = f"holds {have} but no val/", (
-            f"add {root}/val/<character>/{rename}, or point --data at {root / by_fold['train']} and let "
+            f"add {root}/val/<character>/{rename}, or point --data at {root}/{by_fold['train']} and let "
             "--val-fraction split it, or give a validation folder with --val-data")
     elif "train" not in by_fold:
         what, fix = f"holds {have} but no train/", (
@@ -237,6 +245,8 @@ def scan_folder(
     a folder naming an unknown class is then an error. With a ``manifest`` (of ``root`` or a folder above it),
     only files that are new or changed since it recorded them are decoded (all with ``refresh``).
     """
+    if is_url(root):
+        return _scan_remote(root, class_names, strict=strict, require_all_classes=require_all_classes)
     root = Path(root)
     found, errors = _classes_and_errors(root)
     check_not_split_folders(root, found)
@@ -272,6 +282,50 @@ def scan_folder(
         listing = "".join(f"\n  skipped {e}" for e in shown[:20])
         more = f"\n  ... and {len(shown) - 20} more" if len(shown) > 20 else ""
         raise DatasetError(f"class(es) with no usable image: {details}{listing}{more}")
+    return ScanResult(list(class_names), samples, errors)
+
+
+def _scan_remote(root: str, class_names: Sequence[str] | None, *, strict: bool,
+                 require_all_classes: bool) -> ScanResult:
+    """:func:`scan_folder` for an object-storage URL (see :mod:`animeai.data.remote`): one listing; hidden names,
+    non-image names and empty objects are skipped with the reason; nothing is decoded here."""
+    try:
+        objects = remote.list_objects(root)
+    except remote.RemoteDataError as exc:
+        raise DatasetError(str(exc)) from None
+    prefix = root.rstrip("/") + "/"
+    by_class: dict[str, list[str]] = {}
+    errors: list[ImageError] = []
+    for url in sorted(objects):
+        parts = url[len(prefix):].split("/")
+        if len(parts) < 2 or not all(_visible(p) for p in parts):
+            continue  # objects at the root (like files beside the class folders) and hidden names are not data
+        if remote.suffix(url) not in IMAGE_EXTENSIONS:
+            if not is_caption_file(Path(remote.object_name(url))):
+                errors.append(ImageError(url, "not an image file name (object storage is checked by name and size "
+                                              "when listed, decoded when streamed)"))
+            continue
+        if objects[url] == 0:
+            errors.append(ImageError(url, "empty object (0 bytes)"))
+            continue
+        by_class.setdefault(parts[0], []).append(url)
+    found = sorted(n for n in remote.subfolders(root, objects) if _visible(n))
+    if not found:
+        raise DatasetError(f"{root}: no character folders inside (expected {prefix}<character>/<images>)")
+    check_not_split_folders(root, found)
+    if class_names is None:
+        class_names = found
+    else:
+        unknown = sorted(set(found) - set(class_names))
+        if unknown:
+            raise DatasetError(f"{root}: class folder(s) not among the known classes: {', '.join(unknown)}")
+    if strict and errors:
+        raise DatasetError(f"unusable object (strict mode): {errors[0]}")
+    samples = [(url, i) for i, name in enumerate(class_names) for url in by_class.get(name, [])]
+    empty = [n for n in class_names if not by_class.get(n) and (require_all_classes or n in found)]
+    if empty:
+        raise DatasetError(f"class(es) with no usable image: {', '.join(prefix + n for n in empty)}"
+                           + "".join(f"\n  skipped {e}" for e in errors[:20]))
     return ScanResult(list(class_names), samples, errors)
 
 
@@ -332,15 +386,16 @@ def build_splits(
     ``manifest``: where the data manifest of ``root`` (and of ``val_root``) lives: ``auto``, a file (for ``root``;
     ``val_root``'s is then ``auto``) or ``off``/``None`` (decode every file): see :mod:`animeai.data.manifest`.
     """
-    root = Path(root)
-    root_manifest = open_manifest(root, manifest)
+    root = root if is_url(root) else Path(root)  # a URL: object storage, listed not decoded (no manifest)
+    root_manifest = None if is_url(root) else open_manifest(root, manifest)
     val_manifest = None
-    if val_root is not None and root_manifest is not None:
+    if val_root is not None and root_manifest is not None and not is_url(val_root):
         val_manifest = open_manifest(val_root, "auto")
     common = dict(strict=strict, max_pixels=max_pixels, refresh=refresh, progress=progress)
     if val_root is None and has_train_val(root):
         val_manifest = root_manifest  # one manifest for root/train and root/val
-        root, val_root = root / "train", root / "val"
+        root, val_root = (remote.join(root, "train"), remote.join(root, "val")) if is_url(root) else \
+            (root / "train", root / "val")
         layout = "train/val folders"
     elif val_root is not None:
         layout = "separate val folder"

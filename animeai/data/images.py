@@ -8,6 +8,7 @@ EXIF-rotated, reduced to their first frame and converted to 8-bit RGB, with tran
 from __future__ import annotations
 
 import errno
+import io
 import os
 import stat
 import struct
@@ -20,6 +21,8 @@ from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from animeai.data.remote import is_url, read_object
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -61,7 +64,7 @@ class ImageError(ValueError):
 
     def __init__(self, path: str | os.PathLike[str], reason: str, *, access: bool = False,
                  size: tuple[int, int] | None = None) -> None:
-        self.path = Path(path)
+        self.path = path if is_url(path) else Path(path)  # an object-storage URL stays a string
         self.reason = reason
         self.access = access
         self.size = size
@@ -96,7 +99,7 @@ def load_image(
     _check_limits(max_pixels, draft_size)
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        return _load_image(Path(path), max_pixels, draft_size)
+        return _load_image(path if is_url(path) else Path(path), max_pixels, draft_size)
 
 
 def probe_images(
@@ -245,11 +248,16 @@ def _load_image(path: Path, max_pixels: int, draft_size: int | None) -> Image.Im
     return _decode(path, max_pixels, draft_size)[0]
 
 
-def _decode(path: Path, max_pixels: int, draft_size: int | None) -> tuple[Image.Image, str]:
-    """The RGB image and the file's own mode; ImageError for anything unusable."""
-    _check_file(path)
+def _decode(path: Path | str, max_pixels: int, draft_size: int | None) -> tuple[Image.Image, str]:
+    """The RGB image and the file's own mode; ImageError for anything unusable. ``path`` is a local path or an
+    object-storage URL (a string, read whole first: see :mod:`animeai.data.remote`)."""
+    if isinstance(path, str):
+        source: Path | io.BytesIO = io.BytesIO(read_object(path))
+    else:
+        _check_file(path)
+        source = path
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             width, height = img.size
             if width < 1 or height < 1:
                 raise ImageError(path, f"invalid image size {width}x{height}")
