@@ -157,3 +157,40 @@ def test_ray_data_decode_tasks_read_the_objects(s3, local_ray):
     order = shard_order(len(ds), 1, 0, 0, 1)[: len(loader) * 8]
     assert torch.cat([b[1] for b in batches]).tolist() == [ds[i][1] for i in order]
     assert torch.equal(batches[0][0][:3], torch.stack([ds[i][0] for i in order[:3]]))
+
+
+def test_ray_jobs_keep_data_urls_as_given():
+    pytest.importorskip("ray")
+    from animeai.config import DetectorConfig, load_config
+    from animeai.distributed.trainer import _absolute_data_paths
+
+    cfg = load_config(DetectorConfig, None, {"data.root": "s3://b/chars", "data.val_root": "gs://b/val"})
+    out = _absolute_data_paths(cfg)
+    assert (out.data.root, out.data.val_root) == ("s3://b/chars", "gs://b/val")
+    local = _absolute_data_paths(load_config(DetectorConfig, None, {"data.root": "data/x"}))
+    assert Path(local.data.root).is_absolute()
+
+
+def test_online_enrolment_from_a_url_is_a_clear_error(tmp_path, synth_root):
+    pytest.importorskip("faiss")
+    from conftest import small_overrides
+
+    from animeai.config import DetectorConfig, load_config
+    from animeai.engine import train
+    from animeai.online import OnlineLearningSystem
+    from animeai.online.errors import OnlineError
+    from animeai.tasks.detector import DetectorTask
+
+    cfg = load_config(DetectorConfig, None, small_overrides(synth_root, tmp_path, **{"run.epochs": 1,
+                                                                                      "run.max_steps_per_epoch": 1}))
+    train(cfg, DetectorTask(cfg))
+    with pytest.raises(OnlineError, match="s3://b/chars: enrolment reads a local folder"):
+        OnlineLearningSystem(tmp_path / "model.pth", tmp_path / "db", data_root="s3://b/chars", device="cpu")
+    assert not (tmp_path / "db").exists()
+
+
+def test_data_check_of_a_url_says_there_is_no_manifest():
+    from animeai.data.check import check_data
+
+    with pytest.raises(DatasetError, match="s3://b/chars: `data check` builds the manifest of a local folder"):
+        check_data("s3://b/chars")

@@ -17,6 +17,7 @@ from typing import Any, TextIO
 from animeai.data.folder import DatasetError, _classes_and_errors, check_not_split_folders, has_train_val, walk_files
 from animeai.data.images import DEFAULT_MAX_PIXELS, ImageError, ImageInfo, probe_images
 from animeai.data.manifest import open_manifest
+from animeai.data.remote import is_url
 
 SIZE_BUCKETS: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048)
 """Upper bounds (exclusive) of the shorter-side histogram buckets; the last bucket is open."""
@@ -49,6 +50,9 @@ def check_data(
     """Validate ``root`` (``<root>/<character>/...`` or ``<root>/{train,val}/<character>/...``) through its
     manifest and return the summary (see :func:`print_summary`). ``strict``: the first unreadable file is a
     ``DatasetError`` (after the manifest recorded what was decoded)."""
+    if is_url(root):
+        raise DatasetError(f"{root}: `data check` builds the manifest of a local folder; object storage has none "
+                           "(training lists it, and decodes each object as it streams: see animeai.data.remote)")
     root = Path(root)
     parts = [("train", root / "train"), ("val", root / "val")] if has_train_val(root) else [("", root)]
     layout = "train/val folders" if parts[0][0] else "one folder per character"

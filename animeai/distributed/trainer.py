@@ -29,6 +29,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from animeai.config import from_dict, to_dict, with_overrides
+from animeai.data.remote import is_url
 from animeai.engine import MetricsCallback, TrainResult, make_accelerator, train
 from animeai.tasks import get_task
 
@@ -220,9 +221,10 @@ def _path_exists(path: str) -> bool:
 
 
 def check_data(paths: Sequence[str]) -> None:
-    """The data must be where the workers run (a shared mount, or shipped with --working-dir)."""
+    """The data must be where the workers run (a shared mount, or shipped with --working-dir; object storage is
+    checked by listing it in ``prepare_data``)."""
     for p in paths:
-        if p and not ray.get(_path_exists.remote(p)):
+        if p and not is_url(p) and not ray.get(_path_exists.remote(p)):
             raise DistributedError(f"data path {p} does not exist on the cluster's nodes; put the data on a path "
                                    "every node sees (NFS, or inside the --working-dir you submit)")
 
@@ -231,9 +233,10 @@ def _absolute_data_paths(cfg: Any) -> Any:
     data = getattr(cfg, "data", None)
     if data is None:
         return cfg
-    over = {"data.root": str(Path(data.root).expanduser().absolute())}
-    if getattr(data, "val_root", None):
-        over["data.val_root"] = str(Path(data.val_root).expanduser().absolute())
+    over = {}
+    for key, value in (("data.root", data.root), ("data.val_root", getattr(data, "val_root", None))):
+        if value and not is_url(value):  # object-storage URLs are the same from every node
+            over[key] = str(Path(value).expanduser().absolute())
     return with_overrides(cfg, over)
 
 
@@ -245,7 +248,7 @@ def prepare_data(task_name: str, cfg: Any) -> None:
     data = getattr(cfg, "data", None)
     if data is None:
         return
-    if not Path(data.root).exists():
+    if not is_url(data.root) and not Path(data.root).exists():
         print(f"data: {data.root} is not visible on this driver; the workers validate it (once, under the "
               "manifest's lock)", file=sys.stderr)
         return

@@ -51,6 +51,7 @@ from PIL import Image
 from animeai.checkpoint import CheckpointError, save_model_file
 from animeai.data.folder import DatasetError, has_train_val, scan_folder
 from animeai.data.images import ImageError, load_image
+from animeai.data.remote import is_url
 from animeai.inference import Classifier
 from animeai.models import get_model_spec
 from animeai.online.errors import FeatureDBError, OnlineError
@@ -167,11 +168,15 @@ class OnlineLearningSystem:
             self.notes.append(f"built the database from the classifier's {len(w)} weight rows as prototypes (no "
                               "exemplars: give data_root or run animeai enroll for nearest-neighbour evidence)")
             return db
-        return self._db_from_folder(Path(data_root), db)
+        return self._db_from_folder(data_root, db)
 
-    def _db_from_folder(self, root: Path, db: FeatureDB, skip_bad: bool = True) -> FeatureDB:
+    def _db_from_folder(self, root: str | Path, db: FeatureDB, skip_bad: bool = True) -> FeatureDB:
         """Exemplars of every class folder of ``root`` (``root/train`` in a train/val layout). Model classes without a
         folder get their weight row as prototype; folders naming no class are refused (add them with add_new_role)."""
+        if is_url(root):
+            raise OnlineError(f"{root}: enrolment reads a local folder (object storage is supported for training "
+                              "data); copy or mount the images locally")
+        root = Path(root)
         if has_train_val(root):
             root = root / "train"
         try:
@@ -204,7 +209,7 @@ class OnlineLearningSystem:
         exemplars as they were; the folder's classes get its images as their exemplars."""
         with self._mutex:
             fresh = FeatureDB(self.dim, self.model_hash, index_kind=self.db.index_kind, device=self.db.device)
-            fresh = self._db_from_folder(Path(data_root), fresh, skip_bad=skip_bad)
+            fresh = self._db_from_folder(data_root, fresh, skip_bad=skip_bad)
             merged = FeatureDB(self.dim, self.model_hash, index_kind=self.db.index_kind, device=self.db.device)
             for i, name in enumerate(self.clf.class_names):
                 src = fresh if fresh.roles[i].get("source") != "classifier_weights" else self.db

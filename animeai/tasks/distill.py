@@ -192,8 +192,11 @@ class DistillTask(DetectorTask):
 
     def precheck_classes(self, teacher_classes: list[str]) -> None:
         from animeai.data.folder import DatasetError, find_classes, has_train_val
+        from animeai.data.remote import is_url
 
         d = self.cfg.data
+        if is_url(d.root):
+            return  # object storage: the classes are compared once it is listed (build_data)
         root = Path(d.root)
         if d.val_root is None and has_train_val(root):
             root = root / "train"
