@@ -249,13 +249,7 @@ def scan_folder(
         return _scan_remote(root, class_names, strict=strict, require_all_classes=require_all_classes)
     root = Path(root)
     found, errors = _classes_and_errors(root)
-    check_not_split_folders(root, found)
-    if class_names is None:
-        class_names = found
-    else:
-        unknown = sorted(set(found) - set(class_names))
-        if unknown:
-            raise DatasetError(f"{root}: class folder(s) not among the known classes: {', '.join(unknown)}")
+    class_names = _label_order(root, found, class_names)
     index = {name: i for i, name in enumerate(class_names)}
     candidates: list[Sample] = []
     with gc_paused():
@@ -285,6 +279,17 @@ def scan_folder(
     return ScanResult(list(class_names), samples, errors)
 
 
+def _label_order(root: str | Path, found: list[str], class_names: Sequence[str] | None) -> Sequence[str]:
+    """The label order: ``class_names`` when given (a found folder outside it is an error), else the folders."""
+    check_not_split_folders(root, found)
+    if class_names is None:
+        return found
+    unknown = sorted(set(found) - set(class_names))
+    if unknown:
+        raise DatasetError(f"{root}: class folder(s) not among the known classes: {', '.join(unknown)}")
+    return class_names
+
+
 def _scan_remote(root: str, class_names: Sequence[str] | None, *, strict: bool,
                  require_all_classes: bool) -> ScanResult:
     """:func:`scan_folder` for an object-storage URL (see :mod:`animeai.data.remote`): one listing; hidden names,
@@ -312,13 +317,7 @@ def _scan_remote(root: str, class_names: Sequence[str] | None, *, strict: bool,
     found = sorted(n for n in remote.subfolders(root, objects) if _visible(n))
     if not found:
         raise DatasetError(f"{root}: no character folders inside (expected {prefix}<character>/<images>)")
-    check_not_split_folders(root, found)
-    if class_names is None:
-        class_names = found
-    else:
-        unknown = sorted(set(found) - set(class_names))
-        if unknown:
-            raise DatasetError(f"{root}: class folder(s) not among the known classes: {', '.join(unknown)}")
+    class_names = _label_order(root, found, class_names)
     if strict and errors:
         raise DatasetError(f"unusable object (strict mode): {errors[0]}")
     samples = [(url, i) for i, name in enumerate(class_names) for url in by_class.get(name, [])]

@@ -69,30 +69,29 @@ def _url_of(fs, path: str, like: str) -> str:
     return like.split("://", 1)[0] + "://" + path
 
 
-def list_objects(url: str) -> dict[str, int]:
-    """``{object URL: size in bytes}`` of every object under ``url`` (one recursive listing)."""
+def _listing(url: str, list_call):
+    """``list_call(fs, path)`` with the backend's errors turned into a :class:`RemoteDataError` naming ``url``."""
     fs, root = filesystem(url)
     try:
-        found = fs.find(root, detail=True, withdirs=False)
+        return fs, root, list_call(fs, root)
     except FileNotFoundError:
         raise RemoteDataError(f"{url}: no such bucket or prefix") from None
     except PermissionError as exc:
         raise RemoteDataError(f"{url}: access denied ({exc})") from None
     except Exception as exc:  # network, credentials, endpoint: name the URL and what the backend said
         raise RemoteDataError(f"{url}: cannot list ({type(exc).__name__}: {exc})") from None
+
+
+def list_objects(url: str) -> dict[str, int]:
+    """``{object URL: size in bytes}`` of every object under ``url`` (one recursive listing)."""
+    fs, root, found = _listing(url, lambda fs, path: fs.find(path, detail=True, withdirs=False))
     fs.invalidate_cache(root)  # the next listing sees new objects (fsspec keeps listings per instance)
     return {_url_of(fs, path, url): int(info.get("size") or 0) for path, info in found.items()}
 
 
 def top_folders(url: str) -> set[str]:
     """Names of the "folders" (common prefixes) directly under ``url``: one non-recursive listing."""
-    fs, root = filesystem(url)
-    try:
-        entries = fs.ls(root, detail=True, refresh=True)
-    except FileNotFoundError:
-        raise RemoteDataError(f"{url}: no such bucket or prefix") from None
-    except Exception as exc:
-        raise RemoteDataError(f"{url}: cannot list ({type(exc).__name__}: {exc})") from None
+    _, _, entries = _listing(url, lambda fs, path: fs.ls(path, detail=True, refresh=True))
     return {e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory"}
 
 
