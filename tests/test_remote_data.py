@@ -37,7 +37,6 @@ def s3(synth_split_root):
 
     fsspec.config.conf.clear()
     fsspec.config.set_conf_env(fsspec.config.conf)  # fsspec reads FSSPEC_* once at import: re-read them
-    remote._filesystem.cache_clear()
     fs, _ = remote.filesystem("s3://animeai")
     fs.mkdir("animeai")
     uploads = {f"animeai/chars/{p.relative_to(synth_split_root).as_posix()}": p.read_bytes()
@@ -50,7 +49,6 @@ def s3(synth_split_root):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-    remote._filesystem.cache_clear()
 
 
 def _put(s3, key: str, data: bytes) -> str:
@@ -136,7 +134,9 @@ def test_detector_trains_from_a_bucket(s3, tmp_path):
     from animeai.inference import Classifier
     from animeai.tasks.detector import DetectorTask
 
-    cfg = load_config(DetectorConfig, None, small_overrides(s3["url"], tmp_path, **{"run.epochs": 1}))
+    # one DataLoader worker: a forked process reads the objects too
+    cfg = load_config(DetectorConfig, None, small_overrides(s3["url"], tmp_path, **{"run.epochs": 1,
+                                                                                   "data.num_workers": 1}))
     result = train(cfg, DetectorTask(cfg))
     clf = Classifier.from_file(tmp_path / "model.pth", device="cpu")
     assert clf.class_names == build_splits(s3["local"], manifest="off").class_names

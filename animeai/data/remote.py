@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import re
-from functools import lru_cache
 from typing import Any
 
 MAX_OBJECT_BYTES = 256 * 1024 * 1024  # an object larger than this is refused before it is read into memory
@@ -43,8 +42,9 @@ def join(url: str, *parts: str) -> str:
     return "/".join([url.rstrip("/"), *parts])
 
 
-@lru_cache(maxsize=16)
 def _filesystem(protocol: str):
+    """fsspec's instance for the protocol. Not cached here: fsspec caches instances per process, and an instance
+    made before a fork (a DataLoader worker) must not be reused in the child (its event loop stayed behind)."""
     import fsspec
 
     try:
