@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weights", default="0,0.25,0.5,0.75,1",
                    help="classifier weights w to score (score = w * classifier + (1 - w) * database)")
     p.add_argument("--seed", type=int, default=0, help="which train images are the shots")
+    p.add_argument("--knn", type=int, default=None,
+                   help="nearest exemplars in the database evidence (default: the system's; 0 = prototypes only)")
     add_set_arg(p, "detector", "metric.weight=1 (the detector file's name then records the overrides)")
     args = p.parse_args(argv)
     if args.quick:
@@ -160,7 +162,7 @@ def main(argv=None) -> int:
         shutil.rmtree(db)
     t0 = time.perf_counter()
     system = OnlineLearningSystem(model_path=detector["model"], feature_db_path=db, data_root=root / "train",
-                                  device="cpu")
+                                  device="cpu", **({} if args.knn is None else {"knn": args.knn}))
     enroll_s = time.perf_counter() - t0
     rng = random.Random(args.seed)
     shots = {n: rng.sample(images_of(data / "train" / n), args.shots) for n in new}
@@ -184,17 +186,17 @@ def main(argv=None) -> int:
     default_w = system.classifier_weight
 
     table = []
-    results: dict[str, Any] = {"detector": detector, "old": old, "new": new, "shots": args.shots,
+    results: dict[str, Any] = {"detector": detector, "old": old, "new": new, "shots": args.shots, "knn": system.knn,
                                "before_old_top1": mean_over(before_per_role, old),
                                "enroll_s": enroll_s, "add_role_s": add_s, "identify_images": len(rows),
                                "identify_s": identify_s, "by_weight": {}, "default_weight": default_w}
-    table.append(["15-class model alone (before)", None, results["before_old_top1"], None])
+    table.append(["15-class model alone (before)", None, f"{results['before_old_top1']:.3f}", None])
     for w in weights:
         new_top1, old_top1 = mean_over(by_w[w], new), mean_over(by_w[w], old)
         label = {0.0: "database alone", 1.0: "classifier alone"}.get(w, f"combined w={w:g}")
         if default_w is not None and abs(w - default_w) < 1e-9:
             label += " (default)"
-        table.append([label, new_top1, old_top1, old_top1 - results["before_old_top1"]])
+        table.append([label, f"{new_top1:.3f}", f"{old_top1:.3f}", f"{old_top1 - results['before_old_top1']:+.3f}"])
         results["by_weight"][str(w)] = {"new_top1": new_top1, "old_top1": old_top1, "per_role": by_w[w]}
     print_table(["scores", "new roles top-1", "old roles top-1", "old change"], table,
                 title=f"{NAME}: 15 old + {len(new)} new roles ({args.shots} shots each), holo20/val "
