@@ -106,33 +106,44 @@ def top1(model: str, data: str) -> float:
     return float(Classifier.from_file(model, device="cpu").evaluate_folder(data)["top1"])
 
 
-def speed(model: str, work: Path, repeats: int) -> dict[str, Any]:
-    """ms per image at batch 1 and images/s at batch 32, PyTorch and onnxruntime (CPU)."""
+def speeds(models: list[str], work: Path, repeats: int) -> list[dict[str, Any]]:
+    """ms per image at batch 1 and images/s at batch 32, PyTorch and onnxruntime (CPU), for every model, measured
+    interleaved: each repeat times every model in turn, so a change in machine load hits all of them alike. Each
+    entry also has ``x_first``: per setting, the median over repeats of (first model's time / this model's time)
+    within the same repeat: the side-by-side speed-up over ``models[0]`` (the teacher)."""
     import torch
 
     from animeai.export import export_classifier
     from animeai.inference import Classifier
 
-    onnx_path = work / (Path(model).stem + ".onnx")
-    export_classifier(model, onnx_path, overwrite=True)
-    out: dict[str, Any] = {}
-    for backend, path in (("torch", model), ("onnx", str(onnx_path))):
-        clf = Classifier.from_file(path, device="cpu")
-        for bs, iters in ((1, 20), (32, 2)):
-            x = torch.randn(bs, 3, clf.image_size, clf.image_size)
-            if backend == "torch":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode():
-                for _ in range(3):
+    runners = []  # (model index, setting, callable)
+    for m, model in enumerate(models):
+        onnx_path = work / f"{m}_{Path(model).stem}.onnx"
+        export_classifier(model, onnx_path, overwrite=True)
+        for backend, path in (("torch", model), ("onnx", str(onnx_path))):
+            clf = Classifier.from_file(path, device="cpu")
+            for bs, iters in ((1, 20), (32, 2)):
+                x = torch.randn(bs, 3, clf.image_size, clf.image_size)
+                if backend == "torch":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                runners.append((m, f"{backend}_bs{bs}", bs, iters, clf, x))
+    times: dict[tuple[int, str], list[float]] = {}
+    with torch.inference_mode():
+        for _, _, _, _, clf, x in runners:  # warm-up
+            for _ in range(3):
+                clf.logits(x)
+        for _ in range(repeats):
+            for m, key, _, iters, clf, x in runners:
+                t0 = time.perf_counter()
+                for _ in range(iters):
                     clf.logits(x)
-                times = []
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    for _ in range(iters):
-                        clf.logits(x)
-                    times.append((time.perf_counter() - t0) / iters)
-            t = median(times)
-            out[f"{backend}_bs{bs}"] = {"ms_per_batch": t * 1000, "images_per_s": bs / t, "spread": spread(times)}
+                times.setdefault((m, key), []).append((time.perf_counter() - t0) / iters)
+    out: list[dict[str, Any]] = [{} for _ in models]
+    for (m, key), ts in times.items():
+        bs = 1 if key.endswith("_bs1") else 32
+        ratio = median([a / b for a, b in zip(times[(0, key)], ts)])
+        out[m][key] = {"ms_per_batch": median(ts) * 1000, "images_per_s": bs / median(ts), "spread": spread(ts),
+                       "x_first": ratio}
     return out
 
 
@@ -145,15 +156,14 @@ def describe(model: str) -> dict[str, Any]:
 
 
 def speed_only(args, teacher: str, val: str, work: Path) -> int:
-    t = speed(teacher, work, args.repeats)
+    measured = speeds([teacher, *args.speed_only], work, args.repeats)
+    t = measured[0]
     rows, results = [], {"teacher": {"model": teacher, **describe(teacher), "speed": t}, "students": []}
-    for model in [teacher, *args.speed_only]:
-        sp = t if model == teacher else speed(model, work, args.repeats)
+    for model, sp in zip([teacher, *args.speed_only], measured):
         d = describe(model)
         acc = top1(model, val)
         row = {"model": model, **d, "top1": acc, "speed": sp,
-               "speedup_bs1_torch": t["torch_bs1"]["ms_per_batch"] / sp["torch_bs1"]["ms_per_batch"],
-               "speedup_bs1_onnx": t["onnx_bs1"]["ms_per_batch"] / sp["onnx_bs1"]["ms_per_batch"]}
+               "speedup_bs1_torch": sp["torch_bs1"]["x_first"], "speedup_bs1_onnx": sp["onnx_bs1"]["x_first"]}
         if model != teacher:
             results["students"].append(row)
         rows.append([Path(model).name, d["arch"], f"{acc:.4f}", f"{d['params'] / 1e6:.2f}M", f"{d['file_mb']:.1f}",
@@ -184,19 +194,18 @@ def main(argv=None) -> int:
             results["kd" if kd else "hard"].append({"seed": seed, "model": str(model), "top1": top1(str(model), val),
                                                     "train_s": time.perf_counter() - t0})
     results["student"] = describe(results["kd"][0]["model"])
-    results["speed"] = {"teacher": speed(teacher, work, args.repeats),
-                        "student": speed(results["kd"][0]["model"], work, args.repeats)}
+    t_speed, s_speed = speeds([teacher, results["kd"][0]["model"]], work, args.repeats)
+    results["speed"] = {"teacher": t_speed, "student": s_speed}
     kd_acc = [r["top1"] for r in results["kd"]]
     hard_acc = [r["top1"] for r in results["hard"]]
     margin = sum(kd_acc) / len(kd_acc) - sum(hard_acc) / len(hard_acc)
     noise = max(max(kd_acc) - min(kd_acc), max(hard_acc) - min(hard_acc))
-    s, t = results["speed"]["student"], results["speed"]["teacher"]
+    s = results["speed"]["student"]
     results["summary"] = {
         "kd_top1_mean": sum(kd_acc) / len(kd_acc), "hard_top1_mean": sum(hard_acc) / len(hard_acc),
         "kd_minus_hard": margin, "seed_spread": noise, "kd_beats_hard_beyond_seed_noise": margin > noise,
         "student_over_teacher_top1": (sum(kd_acc) / len(kd_acc)) / max(results["teacher"]["top1"], 1e-9),
-        "speedup_bs1_torch": t["torch_bs1"]["ms_per_batch"] / s["torch_bs1"]["ms_per_batch"],
-        "speedup_bs1_onnx": t["onnx_bs1"]["ms_per_batch"] / s["onnx_bs1"]["ms_per_batch"],
+        "speedup_bs1_torch": s["torch_bs1"]["x_first"], "speedup_bs1_onnx": s["onnx_bs1"]["x_first"],
     }
     rows = [["teacher", results["teacher"]["arch"], f"{results['teacher']['top1']:.4f}", "", ""]]
     for kind in ("kd", "hard"):
