@@ -300,11 +300,13 @@ def _scan_remote(root: str, class_names: Sequence[str] | None, *, strict: bool,
         raise DatasetError(str(exc)) from None
     prefix = root.rstrip("/") + "/"
     by_class: dict[str, list[str]] = {}
+    folders: set[str] = set()
     errors: list[ImageError] = []
     for url in sorted(objects):
         parts = url[len(prefix):].split("/")
         if len(parts) < 2 or not all(_visible(p) for p in parts):
             continue  # objects at the root (like files beside the class folders) and hidden names are not data
+        folders.add(parts[0])
         if remote.suffix(url) not in IMAGE_EXTENSIONS:
             if not is_caption_file(Path(remote.object_name(url))):
                 errors.append(ImageError(url, "not an image file name (object storage is checked by name and size "
@@ -314,7 +316,7 @@ def _scan_remote(root: str, class_names: Sequence[str] | None, *, strict: bool,
             errors.append(ImageError(url, "empty object (0 bytes)"))
             continue
         by_class.setdefault(parts[0], []).append(url)
-    found = sorted(n for n in remote.subfolders(root, objects) if _visible(n))
+    found = sorted(folders)
     if not found:
         raise DatasetError(f"{root}: no character folders inside (expected {prefix}<character>/<images>)")
     class_names = _label_order(root, found, class_names)

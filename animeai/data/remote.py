@@ -64,7 +64,7 @@ def filesystem(url: str):
     return fs, fs._strip_protocol(url)
 
 
-def _url_of(fs, path: str, like: str) -> str:
+def _url_of(path: str, like: str) -> str:
     """The URL of a listed ``path``, written with the scheme the user gave (``like``)."""
     return like.split("://", 1)[0] + "://" + path
 
@@ -86,19 +86,13 @@ def list_objects(url: str) -> dict[str, int]:
     """``{object URL: size in bytes}`` of every object under ``url`` (one recursive listing)."""
     fs, root, found = _listing(url, lambda fs, path: fs.find(path, detail=True, withdirs=False))
     fs.invalidate_cache(root)  # the next listing sees new objects (fsspec keeps listings per instance)
-    return {_url_of(fs, path, url): int(info.get("size") or 0) for path, info in found.items()}
+    return {_url_of(path, url): int(info.get("size") or 0) for path, info in found.items()}
 
 
 def top_folders(url: str) -> set[str]:
     """Names of the "folders" (common prefixes) directly under ``url``: one non-recursive listing."""
     _, _, entries = _listing(url, lambda fs, path: fs.ls(path, detail=True, refresh=True))
     return {e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory"}
-
-
-def subfolders(url: str, objects: dict[str, int]) -> set[str]:
-    """Names of the first path components under ``url`` that hold objects."""
-    prefix = url.rstrip("/") + "/"
-    return {u[len(prefix):].split("/", 1)[0] for u in objects if u.startswith(prefix) and "/" in u[len(prefix):]}
 
 
 def read_object(url: str, max_bytes: int = MAX_OBJECT_BYTES) -> bytes:
