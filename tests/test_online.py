@@ -162,7 +162,7 @@ def test_combination_beats_each_alone(world, tmp_path):
 def test_prototype_only_database_evidence(world, tmp_path):
     """knn=0: the database evidence is the softmax of the prototype cosines alone (no exemplar search), so a role's
     score does not grow with its number of exemplars."""
-    ol = OnlineLearningSystem(world["model"], tmp_path / "db", data_root=world["old_train"])  # knn=0: the default
+    ol = OnlineLearningSystem(world["model"], tmp_path / "db", data_root=world["old_train"], knn=0)
     ol.add_new_role(world["new"][0], imgs(world, world["new"][0], n=4))
     feats = ol.embed(imgs(world, world["new"][0], "val", 3))
     _, p_clf, p_db = ol.scores(feats)
@@ -171,7 +171,7 @@ def test_prototype_only_database_evidence(world, tmp_path):
         protos / np.linalg.norm(protos, axis=1, keepdims=True)).T
     z = np.exp((cos - cos.max(axis=1, keepdims=True)) / ol.temperature)
     np.testing.assert_allclose(p_db, z / z.sum(axis=1, keepdims=True), rtol=1e-4, atol=1e-6)
-    with_knn = OnlineLearningSystem(world["model"], tmp_path / "db", knn=20)  # same database, exemplar search on
+    with_knn = OnlineLearningSystem(world["model"], tmp_path / "db")  # same database, the default exemplar search
     assert not np.allclose(with_knn.scores(feats)[2], p_db)
     for bad in (-1, 1.5, True):
         with pytest.raises(OnlineError, match="knn"):

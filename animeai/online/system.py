@@ -17,11 +17,11 @@ ol.save_model("models/updated_model.pth")
   32 stored exemplars of every other role, each role weighted equally. Without stored exemplars, ``s`` is the
   median norm of the trained rows and ``b`` their mean bias (centred). No backbone weight changes.
 * **identify** combines two probability vectors over the roles: the classifier's softmax ``p_clf`` and database
-  evidence ``p_db = softmax(sim / T)`` where ``sim[r]`` is the cosine of the role's prototype (its mean exemplar
-  direction). With ``knn > 0`` it is the best of that and the cosine of the role's nearest retrieved exemplar; off
-  by default because the best of 150 exemplars out-scores the best of 5 whatever the image, which favours the
-  trained roles over the ones just added (holo20, 5 roles added from 5 images: new-role top-1 0.635 with knn=20 vs
-  0.670 with prototypes only; old roles 0.962 vs 0.955). The result is ``w * p_clf + (1 - w) * p_db``: defaults
+  evidence ``p_db = softmax(sim / T)`` where ``sim[r]`` is the best of the role's prototype cosine and its nearest
+  exemplar's cosine among the ``knn`` (default 20) retrieved from the FAISS index. ``knn=0`` uses the prototypes
+  alone: the best of 150 exemplars out-scores the best of 5 whatever the image, which favours trained roles over
+  ones just added (holo20, 5 roles added from 5 images: new-role top-1 0.670 with knn=0 vs 0.635 with knn=20;
+  old roles 0.955 vs 0.962). The result is ``w * p_clf + (1 - w) * p_db``: defaults
   ``w = 0.25``, ``T = 0.02``, chosen on a separate synthetic set (8 characters, 3 added: top-1 0.85 combined vs
   0.81 classifier, 0.79 database). Roles
   without exemplars (a database built from the classifier's weight rows) have no comparable similarity: their
@@ -98,7 +98,7 @@ class OnlineLearningSystem:
 
     def __init__(self, model_path: str | Path, feature_db_path: str | Path, data_root: str | Path | None = None, *,
                  device: str | None = "auto", index_kind: str = "auto", classifier_weight: float = 0.25,
-                 temperature: float = 0.02, knn: int = 0, autosave: bool = True, db_device: str = "cpu"):
+                 temperature: float = 0.02, knn: int = 20, autosave: bool = True, db_device: str = "cpu"):
         if not 0.0 <= classifier_weight <= 1.0:
             raise OnlineError(f"classifier_weight must be in [0, 1], got {classifier_weight}")
         if not temperature > 0:
