@@ -52,6 +52,16 @@ def parse_set(items: Sequence[str]) -> dict[str, Any]:
     return over
 
 
+def unseen_characters(names: Sequence[str], given: str | None) -> list[str]:
+    """The characters held out of the online-learning detector: ``--new`` (comma list) or, by default, every 4th
+    name (sorted) from the 3rd: a fixed rule, not a choice by result. Unknown names exit with a message."""
+    new = [s.strip() for s in given.split(",")] if given else list(names[2::4])
+    unknown = [n for n in new if n not in names]
+    if unknown:
+        raise SystemExit(f"--new: not holo20 characters: {', '.join(unknown)}")
+    return new
+
+
 def apply_threads(threads: int) -> None:
     import torch
 

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from _common import add_common_args, apply_threads, machine_info, print_table, write_json
+from _common import add_common_args, apply_threads, machine_info, print_table, unseen_characters, write_json
 
 NAME = "bench_fewshot_features"
 REPO = Path(__file__).resolve().parents[2]
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         print(f"{NAME}: skipped - data not found at {data}")
         return 0
     names = sorted(d.name for d in (data / "train").iterdir() if d.is_dir())
-    new = [s.strip() for s in args.new.split(",")] if args.new else names[2::4]
+    new = unseen_characters(names, args.new)
     detector = args.detector or REPO / "runs" / "bench_online_holo20" / f"detector_without_{'_'.join(new)}.pth"
     if not detector.is_file():
         print(f"{NAME}: skipped - no detector at {detector}; run bench_online_holo20.py first")

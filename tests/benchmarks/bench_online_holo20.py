@@ -32,7 +32,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import add_common_args, add_set_arg, apply_threads, machine_info, parse_set, print_table, write_json
+from _common import (
+    add_common_args,
+    add_set_arg,
+    apply_threads,
+    machine_info,
+    parse_set,
+    print_table,
+    unseen_characters,
+    write_json,
+)
 
 NAME = "bench_online_holo20"
 REPO = Path(__file__).resolve().parents[2]
@@ -136,10 +145,7 @@ def main(argv=None) -> int:
     names = sorted(d.name for d in (data / "train").iterdir() if d.is_dir())
     if args.quick:  # 7 characters (5 old, 2 new): checks the script end to end in minutes
         names = names[:7]
-    new = [s.strip() for s in args.new.split(",")] if args.new else names[2::4]
-    unknown = [n for n in new if n not in names]
-    if unknown:
-        raise SystemExit(f"--new: not holo20 characters: {', '.join(unknown)}")
+    new = unseen_characters(names, args.new)
     old = [n for n in names if n not in new]
     weights = [float(w) for w in args.weights.split(",")]
     args.work.mkdir(parents=True, exist_ok=True)
