@@ -131,6 +131,12 @@ class AugmentConfig(Section):
     color_jitter: float = opt(0.2, "Brightness/contrast/saturation jitter strength (hue gets a quarter). 0 disables.",
                                ge=0, le=1)
     crop_scale: float = opt(1.0, "Minimum area of a random resized crop (1.0 = plain resize, no crop).", gt=0, le=1)
+    on: str = opt(
+        "auto", "Where the training augmentation runs: workers (all of it in PIL in the loader processes, which "
+        "hand over float images) | device (the loader processes only decode, crop and flip, handing over uint8; "
+        "colour jitter, rotation and normalisation run batched on the training device: the fix for loader-bound "
+        "GPUs) | auto (device when training on a GPU, else workers; fusion: workers).", flag="augment-on",
+        choices=("auto", "workers", "device"))
 
 
 @dataclass(frozen=True)
@@ -516,6 +522,15 @@ class FusionDataConfig(DataConfig):
 
 
 @dataclass(frozen=True)
+class FusionAugmentConfig(AugmentConfig):
+    def check(self) -> None:
+        super().check()
+        if self.on == "device":
+            raise FieldError("on", "augment-on", "fusion augments in the loader processes only (its batches carry "
+                             "tokenised texts); use --augment-on workers or auto")
+
+
+@dataclass(frozen=True)
 class FusionRunConfig(RunConfig):
     out: str = opt("models/fusion.pth", "Where the best fusion model file is written.")
 
@@ -525,7 +540,7 @@ class FusionConfig:
     """Multimodal fusion: image encoder + text encoder (tags or a caption per image) -> fusion MLP -> classifier."""
 
     data: FusionDataConfig = section(FusionDataConfig)
-    augment: AugmentConfig = section(AugmentConfig)
+    augment: FusionAugmentConfig = section(FusionAugmentConfig)
     model: ModelConfig = section(ModelConfig)
     text: TextConfig = section(TextConfig)
     fusion: FusionHeadConfig = section(FusionHeadConfig)

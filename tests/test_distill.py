@@ -319,3 +319,27 @@ def test_mobilenetv2_student_weights_through_the_hub_path(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().splitlines()[-1] == "hub:timm/mobilenetv2_100.ra_in1k"
+
+
+def test_device_augmentation_feeds_student_and_teacher_the_same_batch(setup, tmp_path):
+    cfg = _cfg(setup, tmp_path, **{"augment.on": "device", "run.max_steps_per_epoch": 2})
+    task = DistillTask(cfg)
+    fed = {"student": [], "teacher": []}
+    orig_setup, orig_teacher = task.setup, task.teacher_logits
+
+    def setup_and_hook(accelerator):
+        orig_setup(accelerator)
+        task.models["model"].register_forward_pre_hook(
+            lambda m, args: fed["student"].append(args[0].detach().clone()) if m.training else None)
+
+    def teacher_logits(images):
+        fed["teacher"].append(images.detach().clone())
+        return orig_teacher(images)
+
+    task.setup, task.teacher_logits = setup_and_hook, teacher_logits
+    train(cfg, task)
+    assert task.device_augment is not None
+    n = len(fed["student"])
+    assert n == 2 and fed["student"][0].dtype == torch.float32
+    for s, t in zip(fed["student"], fed["teacher"][:n]):  # the training steps come first, evaluation after
+        assert torch.equal(s, t)

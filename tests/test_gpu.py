@@ -48,22 +48,39 @@ def _finite(history: list[dict]) -> bool:
     return all(math.isfinite(v) for row in history for v in row.values() if isinstance(v, float))
 
 
-def test_detector_trains_on_the_gpu_in_bf16(files):
+@pytest.mark.parametrize("augment_on", ["auto", "workers"])
+def test_detector_trains_on_the_gpu_in_bf16(files, augment_on):
     from animeai.config import DetectorConfig, load_config
     from animeai.engine import train
     from animeai.inference import Classifier
     from animeai.tasks.detector import DetectorTask
 
-    out = files["tmp"] / "det_run"
+    out = files["tmp"] / f"det_run_{augment_on}"
     cfg = load_config(DetectorConfig, None, {
         "data.root": str(files["root"]), "data.image_size": 64, "data.num_workers": 2,
         "model.arch": "efficientnet_b0", "model.pretrained": "none", "optim.batch_size": 8, "run.epochs": 2,
         "run.progress": False, "run.mixed_precision": "bf16", "run.out": str(out / "model.pth"),
-        "run.run_dir": str(out / "run")})
-    result = train(cfg, DetectorTask(cfg))
+        "run.run_dir": str(out / "run"), "augment.on": augment_on})
+    task = DetectorTask(cfg)
+    result = train(cfg, task)
     assert len(result.history) == 2 and _finite(result.history)
+    # auto = the jitter/rotation batched on the GPU; workers = all of it in the loader processes
+    assert (task.device_augment is not None) == (augment_on == "auto")
+    if task.device_augment is not None:
+        assert task.device_augment.mean.is_cuda
     clf = Classifier.from_file(out / "model.pth", device="cuda")
     assert next(clf.model.parameters()).is_cuda
+
+
+def test_device_augment_ops_agree_between_cuda_and_cpu():
+    from animeai.data import device_augment as da
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 32, 32, generator=g)
+    f = torch.tensor([0.7, 0.9, 1.1, 1.3])
+    for fn, arg in [(da.adjust_brightness, f), (da.adjust_contrast, f), (da.adjust_saturation, f),
+                    (da.adjust_hue, f - 1.0), (da.rotate, (f - 1.0) * 50)]:
+        torch.testing.assert_close(fn(x.cuda(), arg.cuda()).cpu(), fn(x, arg), atol=1e-4, rtol=0)
 
 
 def test_generator_trains_on_the_gpu(files):

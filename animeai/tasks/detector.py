@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from animeai.config import ConfigError, DetectorConfig
+from animeai.data.device_augment import DeviceAugment, loader_transform
 from animeai.data.folder import EpochShuffleSampler, ImageFolderDataset, build_splits, report_skipped
 from animeai.data.transforms import eval_transform, train_transform
 from animeai.metrics import topk_correct
@@ -40,6 +41,11 @@ def make_cosine_scheduler(optimizer, total_steps: int, warmup_steps: int, min_lr
     return torch.optim.lr_scheduler.SequentialLR(optimizer, [warm, cosine], milestones=[warmup_steps])
 
 
+def augment_on_device(on: str, device: torch.device) -> bool:
+    """``--augment-on``: ``device``, ``workers``, or ``auto`` = on the device when it is a GPU."""
+    return on == "device" or (on == "auto" and torch.device(device).type == "cuda")
+
+
 class DetectorTask(Task):
     name = "detector"
     monitor = "val_top1"
@@ -49,6 +55,8 @@ class DetectorTask(Task):
         super().__init__(cfg)
         self.class_names: list[str] = []
         self.pretrained_source = "none"
+        self.device_augment: DeviceAugment | None = None  # --augment-on device: jitter/rotation on the device
+        self._epoch_source = None  # what knows the training epoch (the sampler, or the Ray Data loader)
 
     def setup(self, accelerator) -> None:
         # The model (and its pretrained weights) first: a weights source that cannot deliver, or a bad
@@ -107,12 +115,17 @@ class DetectorTask(Task):
                              "--val-fraction > 0) at least 2 images per class for the split")
         self.class_names = splits.class_names
         on_error = "raise" if d.strict else "skip"  # a file broken since validation: as an unreadable file up front
-        train_ds = ImageFolderDataset(
-            splits.train,
-            train_transform(size, mean, std, rotation=a.rotation, hflip=a.hflip,
-                            color_jitter=a.color_jitter, crop_scale=a.crop_scale),
-            max_pixels=d.max_image_pixels, draft_size=size, on_error=on_error,
-        )
+        if augment_on_device(a.on, accelerator.device):
+            # The loader only decodes, crops and flips (uint8); the rest runs batched in training_step.
+            transform = loader_transform(size, hflip=a.hflip, crop_scale=a.crop_scale)
+            self.device_augment = DeviceAugment(mean, std, rotation=a.rotation, color_jitter=a.color_jitter,
+                                                seed=cfg.run.seed, rank=accelerator.process_index
+                                                ).to(accelerator.device)
+        else:
+            transform = train_transform(size, mean, std, rotation=a.rotation, hflip=a.hflip,
+                                        color_jitter=a.color_jitter, crop_scale=a.crop_scale)
+        train_ds = ImageFolderDataset(splits.train, transform, max_pixels=d.max_image_pixels, draft_size=size,
+                                      on_error=on_error)
         val_ds = ImageFolderDataset(splits.val, eval_transform(size, mean, std),
                                     max_pixels=d.max_image_pixels, draft_size=size, on_error=on_error)
         bs = cfg.optim.batch_size
@@ -124,9 +137,11 @@ class DetectorTask(Task):
 
             self.train_loader = make_train_loader(train_ds, bs, seed=cfg.run.seed, accelerator=accelerator,
                                                   cpus=d.ray_decode_cpus, drop_last=len(train_ds) > bs)
+            self._epoch_source = self.train_loader
         else:
             self.train_loader = DataLoader(train_ds, batch_size=bs, sampler=self.train_sampler,
                                            drop_last=len(train_ds) > bs, **common)
+            self._epoch_source = self.train_sampler
         self.val_loader = DataLoader(val_ds, batch_size=bs, shuffle=False, **common)
 
     @classmethod
@@ -163,9 +178,17 @@ class DetectorTask(Task):
         warmup = int(round(o.warmup_epochs * steps_per_epoch))
         return {"model": make_cosine_scheduler(self.optimizers["model"], total_steps, warmup, o.min_lr)}
 
+    def train_images(self, images: torch.Tensor) -> torch.Tensor:
+        """The training batch as the model takes it: with ``--augment-on device``, the loader's uint8 images
+        jittered, normalised and rotated here (the draws seeded by run seed, epoch and rank)."""
+        if self.device_augment is None:
+            return images
+        self.device_augment.set_epoch(self._epoch_source.epoch)
+        return self.device_augment(images, augment=True)
+
     def training_step(self, batch) -> dict[str, torch.Tensor]:
         images, labels = batch
-        logits = self.models["model"](images)
+        logits = self.models["model"](self.train_images(images))
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.cfg.optim.label_smoothing)
         if "metric" not in self.models:
             return {"loss": loss}

@@ -226,6 +226,7 @@ class DistillTask(DetectorTask):
 
     def training_step(self, batch) -> dict[str, torch.Tensor]:
         images, labels = batch
+        images = self.train_images(images)  # the same augmented batch for student and teacher
         d = self.cfg.distill
         student = self.models["model"](images).float()
         out = distill_loss(student, self.teacher_logits(images), labels, temperature=d.temperature, alpha=d.alpha,

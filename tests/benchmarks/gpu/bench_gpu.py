@@ -5,11 +5,14 @@ What it measures, each through the project's own code:
 * ``model``     detector training step alone (EfficientNet-B0, 224 px, AdamW, bf16 autocast, channels-last) on
                 tensors already on the device: images/s, eager and ``torch.compile``.
 * ``decode``    the DataLoader's decode capacity: JPEG files -> the detector's training transform at 224 px with
-                one worker per core, no model: images/s (can the CPUs feed the GPU?).
+                one worker per core, no model: images/s (can the CPUs feed the GPU?), for both places the
+                augmentation can run (``--augment-on workers``: all of it in the loader; ``device``: the loader
+                decodes, crops and flips to uint8, and jitter/rotation/normalisation run batched on the GPU,
+                timed alone as ``augment``).
 * ``engine``    ``engine.train`` of the detector task end to end on those JPEG files (bf16, channels-last, the
-                loader workers of ``decode``): images/s of the second epoch and the GPU utilisation sampled by
-                ``nvidia-smi`` meanwhile (the data path is the bottleneck if utilisation is low while
-                ``decode`` is close to ``engine``).
+                loader workers of ``decode``), with the augmentation in the workers and on the device: images/s of
+                the last epoch and the GPU utilisation sampled meanwhile (the data path is the bottleneck if
+                utilisation is low while ``decode`` is close to ``engine``).
 * ``generator`` the generator task's training step (``engine.train``, 224 px, bf16): images/s, and the total
                 images/s of 1, 2 and 4 generators sharing the GPU (one process each).
 
@@ -116,15 +119,18 @@ def make_jpegs(root: Path, classes: int, per_class: int, size: int, workers: int
     return root
 
 
-def bench_decode(root: Path, workers: int, batch: int, image_size: int) -> dict:
+def bench_decode(root: Path, workers: int, batch: int, image_size: int, augment_on: str = "workers") -> dict:
     from torch.utils.data import DataLoader
 
+    from animeai.data.device_augment import loader_transform
     from animeai.data.folder import ImageFolderDataset, scan_folder
     from animeai.data.transforms import train_transform
     from animeai.models.registry import IMAGENET_MEAN, IMAGENET_STD
 
     samples = scan_folder(root).samples
-    ds = ImageFolderDataset(samples, train_transform(image_size, IMAGENET_MEAN, IMAGENET_STD), draft_size=image_size)
+    transform = (loader_transform(image_size) if augment_on == "device"
+                 else train_transform(image_size, IMAGENET_MEAN, IMAGENET_STD))
+    ds = ImageFolderDataset(samples, transform, draft_size=image_size)
     loader = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, persistent_workers=workers > 0)
     it = iter(loader)
     next(it)  # workers started
@@ -132,7 +138,25 @@ def bench_decode(root: Path, workers: int, batch: int, image_size: int) -> dict:
     for images, _ in it:
         n += images.shape[0]
     dt = time.perf_counter() - t0
-    return {"images_per_s": n / dt, "workers": workers, "images": n}
+    return {"images_per_s": n / dt, "workers": workers, "images": n, "augment_on": augment_on}
+
+
+def bench_device_augment(batch: int, image_size: int, steps: int) -> dict:
+    """Images/s of the batched jitter + normalisation + rotation alone on the device (uint8 batch already there)."""
+    from animeai.data.device_augment import DeviceAugment
+    from animeai.models.registry import IMAGENET_MEAN, IMAGENET_STD
+
+    dev = _device()
+    aug = DeviceAugment(IMAGENET_MEAN, IMAGENET_STD, seed=0).to(dev)
+    x = torch.randint(0, 256, (batch, image_size, image_size, 3), dtype=torch.uint8, device=dev)
+    for _ in range(3):
+        aug(x, augment=True)
+    _sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        aug(x, augment=True)
+    _sync()
+    return {"images_per_s": batch * steps / (time.perf_counter() - t0), "batch": batch, "steps": steps}
 
 
 class GpuSampler:
@@ -180,7 +204,8 @@ class GpuSampler:
         self._thread.join(timeout=6)
 
 
-def bench_engine(root: Path, tmp: Path, workers: int, batch: int, image_size: int, epochs: int) -> dict:
+def bench_engine(root: Path, tmp: Path, workers: int, batch: int, image_size: int, epochs: int,
+                 augment_on: str = "workers") -> dict:
     from animeai.config import DetectorConfig, load_config
     from animeai.engine import train
     from animeai.tasks.detector import DetectorTask
@@ -189,7 +214,7 @@ def bench_engine(root: Path, tmp: Path, workers: int, batch: int, image_size: in
         "data.root": str(root), "data.image_size": image_size, "data.num_workers": workers, "data.val_fraction": 0.05,
         "model.arch": "efficientnet_b0", "model.pretrained": "none", "optim.batch_size": batch,
         "run.epochs": epochs, "run.progress": False, "run.out": str(tmp / "engine.pth"),
-        "run.run_dir": str(tmp / "engine_run"), "run.overwrite": True,
+        "run.run_dir": str(tmp / "engine_run"), "run.overwrite": True, "augment.on": augment_on,
     })
     ends: list[float] = []  # when each epoch's metrics were ready (the callback runs after the state is saved)
     with GpuSampler() as gpu:
@@ -201,7 +226,7 @@ def bench_engine(root: Path, tmp: Path, workers: int, batch: int, image_size: in
     since = ends[-1] - last["epoch_s"]
     return {"images_per_s": last["images_per_s"], "epoch_s": last["epoch_s"],
             "gpu_util_pct": gpu.mean(since, since + train_s), "gpu_util_pct_whole_run": gpu.mean(),
-            "mixed_precision": cfg.run.mixed_precision, "workers": workers, "batch": batch}
+            "mixed_precision": cfg.run.mixed_precision, "workers": workers, "batch": batch, "augment_on": augment_on}
 
 
 def _random_weight_files(tmp: Path) -> tuple[Path, Path, Path]:
@@ -271,9 +296,14 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=256, help="detector batch (default: 256)")
     p.add_argument("--gen-batch", type=int, default=32, help="generator batch (default: 32)")
     p.add_argument("--gen-size", type=int, default=224, help="generator image size (default: 224)")
-    p.add_argument("--gen-epochs", type=int, default=3, help="generator epochs, the last one measured (default: 3)")
-    p.add_argument("--gen-images", type=int, default=0,
-                   help="real images of the generator's character (default 0: all 1,500)")
+    p.add_argument("--gen-epochs", type=int, default=2, help="generator epochs, the last one measured (default: 2)")
+    p.add_argument("--gen-images", type=int, default=384,
+                   help="real images of the generator's character (default: 384; 0 = all of class_00)")
+    p.add_argument("--per-class", type=int, default=4000,
+                   help="JPEGs per class of the 4 classes (default: 4000; an epoch's first batch waits for one worker "
+                        "to decode a whole batch, so short epochs understate the steady rate)")
+    p.add_argument("--augment-on", nargs="+", choices=("workers", "device"), default=["workers", "device"],
+                   help="where the augmentation runs in the decode and engine parts (default: both)")
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--tag", default="g", help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -287,9 +317,9 @@ def main() -> int:
     tmp = args.work or Path(tempfile.mkdtemp(prefix="animeai-gpu-bench-"))
     data = tmp / "jpegs"
     if not data.exists():
-        classes, per_class = (4, 12) if args.quick else (4, 1500)  # 6,000 images of 320 px
+        classes, per_class = (4, 12) if args.quick else (4, args.per_class)  # 320 px JPEGs
         make_jpegs(data, classes, per_class, 96 if args.quick else 320, workers=cores)
-    gen_data = data  # the generator's real images: class_00
+    gen_data = data  # the generator's real images: class_00 (all of it with --gen-images 0)
     if args.gen_images:  # a smaller character folder (hard links), for a short generator part
         gen_data = tmp / f"gen_{args.gen_images}"
         if not gen_data.exists():
@@ -321,14 +351,22 @@ def main() -> int:
             add_row([f"B0 train step {'compiled' if comp else 'eager'} (batch {args.batch})", r["images_per_s"],
                          r["images_per_s"] / ANCHOR_A100_B0_IMAGES_PER_S])
     if args.only is None or "decode" in args.only:
-        r = bench_decode(data, workers, args.batch, size)
-        results["decode"] = r
-        add_row([f"decode + train transform, {workers} workers", r["images_per_s"], None])
+        for where in args.augment_on:
+            r = bench_decode(data, workers, args.batch, size, where)
+            results[f"decode_augment_on_{where}"] = r
+            what = "train transform" if where == "workers" else "crop/flip to uint8 (augment on device)"
+            add_row([f"decode + {what}, {workers} workers", r["images_per_s"], None])
+        if "device" in args.augment_on:
+            r = bench_device_augment(args.batch, size, steps)
+            results["device_augment"] = r
+            add_row([f"device augment alone (jitter, rotation, normalise; batch {args.batch})", r["images_per_s"],
+                     None])
     if args.only is None or "engine" in args.only:
-        r = bench_engine(data, tmp, workers, args.batch, size, epochs=2 if args.quick else 3)
-        results["engine"] = r
-        util = f"{r['gpu_util_pct']:.0f} %" if r["gpu_util_pct"] is not None else "n/a"
-        add_row([f"engine.train B0 end to end (GPU util {util})", r["images_per_s"],
+        for where in args.augment_on:
+            r = bench_engine(data, tmp, workers, args.batch, size, epochs=2 if args.quick else 3, augment_on=where)
+            results[f"engine_augment_on_{where}"] = r
+            util = f"{r['gpu_util_pct']:.0f} %" if r["gpu_util_pct"] is not None else "n/a"
+            add_row([f"engine.train B0 end to end, augment on {where} (GPU util {util})", r["images_per_s"],
                      r["images_per_s"] / ANCHOR_A100_B0_IMAGES_PER_S])
     if args.only is None or "generator" in args.only:
         r = bench_generator(gen_data, tmp, args.gen_size, args.gen_batch, args.gen_epochs)
