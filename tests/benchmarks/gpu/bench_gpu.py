@@ -269,23 +269,29 @@ def bench_generator(root: Path, tmp: Path, image_size: int, batch: int, epochs: 
     return {"images_per_s": last["images_per_s"], "epoch_s": last["epoch_s"], "batch": batch}
 
 
-def bench_generators_sharing(args, root: Path, tmp: Path, k: int) -> dict:
-    """``k`` generator processes at once on the one device: total images/s."""
+def bench_generators_sharing(args, root: Path, tmp: Path, k: int, cores: int) -> dict:
+    """``k`` generator processes at once on the one device: total images/s. Each gets ``cores // k`` CPU threads, as
+    ``jobs/train_generators.py`` gives each generator the threads of its CPU share: measured on the H100, two
+    processes with torch's default of one thread per core each (16 + 16 on 16 cores) made 59 images/s together,
+    a quarter of what one made alone."""
     procs = []
+    threads = max(1, cores // k)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     for i in range(k):
         out = tmp / f"share_{k}_{i}.json"
         cmd = [sys.executable, __file__, "--only", "generator", "--work", str(tmp), "--tag", f"s{k}_{i}",
                "--gen-batch", str(args.gen_batch), "--gen-epochs", str(args.gen_epochs),
-               "--gen-size", str(args.gen_size), "--gen-images", str(args.gen_images),
+               "--gen-size", str(args.gen_size), "--gen-images", str(args.gen_images), "--threads", str(threads),
                "--result", str(out)] + (["--quick"] if args.quick else [])
-        procs.append((subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), out))
+        procs.append((subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env),
+                      out))
     rates = []
     for p, out in procs:
         _, err = p.communicate()
         if p.returncode != 0:
             raise RuntimeError(f"generator process failed: {err[-2000:]}")
         rates.append(json.loads(out.read_text())["images_per_s"])
-    return {"generators": k, "total_images_per_s": sum(rates), "per_generator": rates}
+    return {"generators": k, "threads_each": threads, "total_images_per_s": sum(rates), "per_generator": rates}
 
 
 def main() -> int:
@@ -372,7 +378,8 @@ def main() -> int:
         r = bench_generator(gen_data, tmp, args.gen_size, args.gen_batch, args.gen_epochs)
         results["generator"] = r
         add_row([f"generator step {args.gen_size} px (batch {args.gen_batch})", r["images_per_s"], None])
-        sharing = [bench_generators_sharing(args, gen_data, tmp, k) for k in ((1, 2) if args.quick else (1, 2, 4))]
+        counts = (1, 2) if args.quick else (1, 2, 4)
+        sharing = [bench_generators_sharing(args, gen_data, tmp, k, cores) for k in counts]
         results["generators_sharing"] = sharing
         for s in sharing:
             add_row([f"{s['generators']} generators sharing the device, total", s["total_images_per_s"],
