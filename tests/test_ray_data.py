@@ -61,6 +61,20 @@ def test_loader_streams_the_datasets_images_in_order(local_ray, synth_root):
     assert len(list(other)) == len(other) == (len(ds) // 2) // 16
 
 
+def test_loader_streams_uint8_images_for_device_augmentation(local_ray, synth_root):
+    from animeai.data.device_augment import loader_transform
+
+    splits = build_splits(synth_root, val_fraction=0.25, split_seed=0, manifest="off")
+    ds = ImageFolderDataset(splits.train, loader_transform(32, hflip=0.0), draft_size=32)
+    loader = RayDataLoader(ds, 16, seed=1, rank=0, world=1, device="cpu", drop_last=True, cpus=1)
+    loader.set_epoch(0)
+    images, labels = next(iter(loader))
+    order = shard_order(len(ds), 1, 0, 0, 1)[:16]
+    assert images.dtype == torch.uint8 and tuple(images.shape) == (16, 32, 32, 3)  # a quarter of float32's bytes
+    assert torch.equal(images, torch.stack([ds[i][0] for i in order]))
+    assert labels.tolist() == [ds[i][1] for i in order]
+
+
 def test_no_cpu_left_to_decode_is_an_error_not_a_hang(local_ray, synth_root, monkeypatch):
     monkeypatch.setattr("animeai.distributed.ray_data.CAPACITY_WAIT_S", 0.5)
     loader = RayDataLoader(_dataset(synth_root), 8, seed=0, rank=0, world=1, device="cpu", cpus=64)
