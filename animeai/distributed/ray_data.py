@@ -13,8 +13,9 @@ nodes included, and the batches stream into each Ray Train worker.
   :class:`~animeai.data.folder.EpochShuffleSampler`); rank ``r`` of ``w`` takes positions ``r, r + w, ...`` of the
   first ``w * (n // w)`` (every rank the same number of steps, as DDP needs), and Ray Data keeps that order
   (``preserve_order``). So a resumed run sees the same images in the same batches at every epoch. What is *not*
-  reproduced is the random augmentation (it is drawn in whichever process decodes): resume is exact in order,
-  not bit-identical in weights, unlike the DataLoader engine.
+  reproduced is the augmentation drawn in whichever process decodes (all of it with ``--augment-on workers``, the
+  crop and flip with ``device``, whose jitter and rotation are drawn on the training device from the seed and
+  epoch): resume is exact in order, not bit-identical in weights, unlike the DataLoader engine.
 * **Validation** stays on the DataLoader (accelerate's even batches give exact metrics over uneven shards); it is
   the small part of the decoding.
 * **Resources**: every decode task asks for ``cpus`` CPUs (``--ray-decode-cpus``). On a cluster whose CPUs are all
