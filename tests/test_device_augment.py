@@ -84,6 +84,13 @@ def test_device_augment_draws_depend_on_seed_epoch_and_rank_only():
     assert draw(1, 3).shape == (3, 3, 16, 16)
 
 
+def test_auto_means_the_device_on_a_gpu_only():
+    from animeai.tasks.detector import augment_on_device
+
+    assert augment_on_device("auto", torch.device("cuda", 0)) and not augment_on_device("auto", "cpu")
+    assert augment_on_device("device", "cpu") and not augment_on_device("workers", torch.device("cuda"))
+
+
 def test_augment_on_choice_and_fusion_refuses_device():
     assert load_config(DetectorConfig, None, {"augment.on": "device"}).augment.on == "device"
     with pytest.raises(ConfigError, match="augment.on"):
