@@ -78,6 +78,11 @@ def test_device_augment_draws_depend_on_seed_epoch_and_rank_only():
         return aug(batch, augment=True)
 
     assert torch.equal(draw(1, 3), draw(1, 3))  # a resumed epoch redraws the same augmentation
+    aug = da.DeviceAugment(MEAN, STD, seed=1)
+    aug.set_epoch(3)
+    first = aug(batch, augment=True)
+    aug.set_epoch(3)  # what every step of the epoch calls: it must not restart the draws
+    assert not torch.equal(aug(batch, augment=True), first)
     assert not torch.equal(draw(1, 3), draw(1, 4))
     assert not torch.equal(draw(1, 3), draw(2, 3))
     assert not torch.equal(draw(1, 3), draw(1, 3, rank=1))

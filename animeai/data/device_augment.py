@@ -141,16 +141,17 @@ class DeviceAugment(torch.nn.Module):
         self._generator: torch.Generator | None = None  # per-image draws, on the device
         self._order = torch.Generator()  # the jitter order, on the host (no device sync per step)
         self._epoch: int | None = None
+        self._seeded_on: torch.device | None = None  # moved to another device: reseed there
 
     def set_epoch(self, epoch: int) -> None:
         """Reseed for ``epoch`` (a no-op when it is the current one): the draws depend on (seed, epoch, rank)."""
-        if self._epoch == epoch and self._generator is not None and self._generator.device == self.mean.device:
+        if self._epoch == epoch and self._seeded_on == self.mean.device:
             return
         seed = (self.seed * 1_000_003 + int(epoch)) * 4099 + self.rank
         self._generator = torch.Generator(device=self.mean.device)
         self._generator.manual_seed(seed)
         self._order.manual_seed(seed)
-        self._epoch = int(epoch)
+        self._epoch, self._seeded_on = int(epoch), self.mean.device
 
     def _uniform(self, n: int, low: float, high: float) -> torch.Tensor:
         if self._generator is None:
