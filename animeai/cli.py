@@ -324,11 +324,14 @@ def cmd_evaluate_generator(args: argparse.Namespace) -> int:
                                 batch_size=args.batch_size, device=args.device, features=args.features,
                                 features_pretrained=args.features_pretrained, feature_size=args.feature_size,
                                 kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size,
-                                real_split=args.real_split)
+                                real_split=args.real_split, also_judges=args.also_judge or ())
     j, k, d = report["judge"], report["kid"], report["diversity"]
     print(f"{report['character']}: judge recognition {j['recognition']:.3f} (chance {j['chance']:.3f}, real images "
           f"{j['real_recognition']:.3f})  KID {k['mean']:.4f} +- {k['std']:.4f}  diversity {d['samples']:.3f} vs real "
           f"{d['real']:.3f} (ratio {d['ratio']:.2f})", file=sys.stderr)
+    for other in report["also_judges"]:
+        print(f"  also judged by {other['model']} ({other['arch']}): recognition {other['recognition']:.3f} (real "
+              f"images {other['real_recognition']:.3f})", file=sys.stderr)
     if not j["independence"]["verified"]:
         print(f"warning: {j['independence']['note']}", file=sys.stderr)
     _write_json(report, args.out)
@@ -349,6 +352,9 @@ def add_evaluate_generator_parser(sub) -> None:
                    "(<data>/<character>/ or <data>/train|val/<character>/)")
     p.add_argument("--judge", required=True, help="classifier model file trained separately (another seed, split or "
                    "architecture) that knows the character by name")
+    p.add_argument("--also-judge", action="append", metavar="J", help="another independent judge scoring the same "
+                   "samples (repeatable; e.g. another architecture: one that shares the guiding detector's "
+                   "architecture and ImageNet start may share its blind spots)")
     p.add_argument("--n", type=int_in(2, 100_000), default=256, help="number of samples (default: 256)")
     p.add_argument("--seed", type=int_in(0), default=0, help="noise and KID-subset seed (default: 0)")
     p.add_argument("--out", help="write the JSON report here (default: print it)")

@@ -289,6 +289,10 @@ class GuideConfig(Section):
     perceptual_pretrained: str = opt("auto", "Weights of the perceptual network: auto | hub | PATH (vgg16: the "
                                      "torchvision vgg16-397923af.pth); registry backbones also take package. "
                                      "Never random weights.", flag="perceptual-pretrained")
+    cls_augment: bool = opt(False, "Classify DiffAugment-ed copies of the samples (the --diffaugment steps) in the "
+                            "detector's loss: class evidence that survives shifts, colour changes and cutout, rather "
+                            "than pixel patterns that fool this one network (expectation over transformations).",
+                            flag="cls-augment")
 
     def check(self) -> None:
         if not str(self.detection_model).strip():

@@ -26,6 +26,7 @@ Three figures, none of them computed by a network the generator was trained to p
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -246,12 +247,26 @@ def real_images(data: str | Path, character: str, image_size: int, split: str = 
 # --------------------------------------------------------------------------------------------- the report
 
 
+def _judge_classes(judge: str | Path, character: str) -> list[str]:
+    """The judge's class names; an error naming the file when the generator's character is not among them."""
+    names = list(read_metadata(judge)["class_names"])
+    if character not in names:
+        more = " ..." if len(names) > 30 else ""
+        raise EvaluationError(f"--judge {judge} does not know the generator's character '{character}' (classes are "
+                              f"matched by name); its classes: {', '.join(names[:30])}{more}")
+    return names
+
+
 def evaluate_generator(model: str | Path, data: str | Path, judge: str | Path, *, n: int = 256, seed: int = 0,
                        batch_size: int = 64, device: str | None = None, features: str = DEFAULT_FEATURES,
                        features_pretrained: str = "auto", feature_size: int = DEFAULT_FEATURE_SIZE,
                        kid_subsets: int = 100, kid_subset_size: int | None = None,
-                       real_split: str = "train") -> dict[str, Any]:
+                       real_split: str = "train", also_judges: Sequence[str | Path] = ()) -> dict[str, Any]:
     """The quality report of a generator model file (see the module docstring): judge recognition, KID, diversity.
+
+    ``also_judges``: more judges (other seeds or architectures) scoring the same samples and real images, reported
+    under ``also_judges`` (recognition, target probability, real recognition): a judge that shares the guiding
+    detector's architecture and ImageNet start may share its blind spots too.
 
     Errors, each naming the file or folder: ``model`` not a generator file (``CheckpointError``), ``judge`` not a
     classifier (``CheckpointError``) or the guiding detector itself / without the generator's character
@@ -265,11 +280,10 @@ def evaluate_generator(model: str | Path, data: str | Path, judge: str | Path, *
     generator, meta = load_generator(model, dev)  # CheckpointError: not a generator file
     character = meta["character"]
     independence = check_judge(judge, meta, model)
-    judge_names = list(read_metadata(judge)["class_names"])
-    if character not in judge_names:
-        raise EvaluationError(f"--judge {judge} does not know the generator's character '{character}' (classes are "
-                              f"matched by name); its classes: {', '.join(judge_names[:30])}"
-                              f"{' ...' if len(judge_names) > 30 else ''}")
+    judge_names = _judge_classes(judge, character)
+    for other in also_judges:  # every judge is checked before any sampling
+        check_judge(other, meta, model)
+        _judge_classes(other, character)
     real, skipped, folders = real_images(data, character, int(meta["image_size"]), real_split)
     if len(real) < 2:
         raise EvaluationError(f"character '{character}': only {len(real)} real image in "
@@ -286,6 +300,15 @@ def evaluate_generator(model: str | Path, data: str | Path, judge: str | Path, *
     top = [{"class": judge_names[i], "fraction": round(counts[i].item() / n, 4)}
            for i in counts.argsort(descending=True)[:5].tolist() if counts[i] > 0]
     del judge_net
+    others = []
+    for other in also_judges:  # the same samples and real images, seen by judges of other seeds or architectures
+        other_net = load_judge(other, dev)
+        seen = judge_scores(samples, other_net, character, batch_size)
+        seen_real = judge_scores(real_x, other_net, character, batch_size)
+        others.append({"model": str(other), "arch": read_metadata(other).get("arch"),
+                       "recognition": seen["judge_recognition"], "target_prob": seen["judge_target_prob"],
+                       "real_recognition": seen_real["judge_recognition"]})
+        del other_net
 
     net = FeatureNet(features, features_pretrained, feature_size).to(dev)
     fake_f, real_f = net.features(samples, batch_size), net.features(real_x, batch_size)
@@ -303,6 +326,7 @@ def evaluate_generator(model: str | Path, data: str | Path, judge: str | Path, *
             "real_target_prob": real_scores["judge_target_prob"], "top_predictions": top,
             "independence": independence,
         },
+        "also_judges": others,
         "kid": {**kid, "features": net.describe()["name"]},
         "diversity": {"samples": div_fake, "real": div_real,
                       "ratio": div_fake / div_real if div_real > 0 else math.nan,

@@ -242,6 +242,29 @@ def test_each_loss_term_enters_with_its_config_weight(loss_task, term):
     torch.testing.assert_close(grad - grad_wo, grad_3 * (w / 3.0), rtol=1e-4, atol=1e-7)
 
 
+def test_cls_augment_classifies_diffaugmented_samples(loss_task):
+    from animeai.models.gan import diff_augment
+
+    task, base = loss_task, loss_task.cfg
+    fake = (task.fixed_real[4:8] + 0.2 * torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    fake, labels = fake.clamp(-1, 1), torch.full((4,), task.class_id)
+    cls_only = {"loss.adv": 0.0, "loss.perc": 0.0, "loss.cls": 1.0}
+    try:
+        task.cfg = with_overrides(base, {**cls_only, "guide.cls_augment": True})
+        _, terms, _ = _generator_loss(task, fake, task.fixed_real[:4])
+        task.cfg = with_overrides(base, cls_only)
+        _, plain, _ = _generator_loss(task, fake, task.fixed_real[:4])
+    finally:
+        task.cfg = base
+    torch.manual_seed(123)  # the draws _generator_loss makes
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(task.detector(diff_augment(fake, task.policy)), labels)
+        unaugmented = torch.nn.functional.cross_entropy(task.detector(fake), labels)
+    torch.testing.assert_close(terms["cls"], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(plain["cls"], unaugmented, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(terms["cls"], plain["cls"])
+
+
 def test_all_loss_weights_zero_is_refused(gen_cfg):
     with pytest.raises(ConfigError, match="all generator loss weights are 0"):
         set_up(gen_cfg(**{"loss.adv": 0.0, "loss.cls": 0.0, "loss.perc": 0.0}))

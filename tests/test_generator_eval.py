@@ -218,13 +218,15 @@ def test_evaluate_generator_cli_writes_the_report(world, generators, tmp_path, c
     out = tmp_path / "report.json"
     assert main(["evaluate-generator", "--model", str(generators["trained"]), "--data", str(world["data"]),
                  "--judge", str(world["judge"]), "--n", "16", "--seed", "3", "--feature-size", "48",
-                 "--kid-subsets", "5", "--device", "cpu", "--out", str(out)]) == 0
+                 "--kid-subsets", "5", "--device", "cpu", "--out", str(out), "--also-judge", str(world["judge"])]) == 0
     report = json.loads(out.read_text())
     assert report["n"] == 16 and report["seed"] == 3 and report["character"] == "akari"
     assert {"recognition", "target_prob", "chance", "real_recognition"} <= set(report["judge"])
     assert report["kid"]["subsets"] == 5 and report["kid"]["subset_size"] == 16
     assert {"samples", "real", "ratio"} <= set(report["diversity"]) and report["feature_network"]["input_size"] == 48
-    assert "judge recognition" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "judge recognition" in err and f"also judged by {world['judge']}" in err
+    assert report["also_judges"][0]["recognition"] == report["judge"]["recognition"]
     args = build_parser().parse_args(["evaluate-generator", "--model", "g", "--data", "d", "--judge", "j"])
     assert (args.n, args.features, args.feature_size, args.real_split) == (256, DEFAULT_FEATURES,
                                                                           DEFAULT_FEATURE_SIZE, "train")
@@ -287,9 +289,17 @@ def test_judge_that_is_not_a_classifier_or_does_not_know_the_character(world, ge
     head = {k: (v[order] if k.startswith("classifier.") else v) for k, v in tensors.items()}
     save_model_file(reordered, head, {**meta, "class_names": [NAMES[i] for i in order]})
     a = evaluate_generator(gen, world["data"], reordered, **{**FAST, "n": 16})
-    b = evaluate_generator(gen, world["data"], world["judge"], **{**FAST, "n": 16})
+    b = evaluate_generator(gen, world["data"], world["judge"], **{**FAST, "n": 16}, also_judges=[reordered])
     assert a["judge"]["class_id"] == 3 and b["judge"]["class_id"] == 0
     assert a["judge"]["recognition"] == b["judge"]["recognition"]
+    # another judge scores the same samples and real images as it would as the main judge
+    (other,) = b["also_judges"]
+    assert other["model"] == str(reordered) and other["recognition"] == a["judge"]["recognition"]
+    assert other["real_recognition"] == a["judge"]["real_recognition"]
+    with pytest.raises(EvaluationError, match=r"strangers.pth does not know the generator's character 'akari'"):
+        evaluate_generator(gen, world["data"], world["judge"], **FAST, also_judges=[strangers])
+    with pytest.raises(EvaluationError, match="is the detector"):  # not as an extra judge either
+        evaluate_generator(gen, world["data"], world["judge"], **FAST, also_judges=[world["detector"]])
     assert a["judge"]["target_prob"] == pytest.approx(b["judge"]["target_prob"], abs=1e-6)
 
 

@@ -315,7 +315,8 @@ class GeneratorTask(Task):
         if w["adv"] > 0:
             terms["adv"] = g_hinge_loss(discriminator(diff_augment(fake, self.policy)))
         if w["cls"] > 0:
-            terms["cls"] = F.cross_entropy(self.detector(fake), labels)
+            seen = diff_augment(fake, self.policy) if self.cfg.guide.cls_augment else fake
+            terms["cls"] = F.cross_entropy(self.detector(seen), labels)
         if w["perc"] > 0:
             with torch.no_grad():
                 real_feats = self.perceptual(real)

@@ -8,6 +8,9 @@ For each character and each discriminator (``plain``, ``projected``) a generator
 sample diversity against the real images'. The detector and the judge are classifiers trained on holo20/train
 with the shipped recipe (``animeai/configs/holo20_lite0.yaml``): the judge with another seed (7 vs 42) and another
 input size (128 vs 160 px); both are reused from ``--work`` when present. Their holo20/val top-1 is reported.
+That judge shares the guiding detector's architecture and ImageNet start, so it may share its blind spots:
+``--also-judge J`` scores the same samples with more judges, e.g. a MobileNetV2 trained from scratch on hard labels
+(``bench_distill.py`` leaves one in ``runs/bench_distill/<name>/hard_seed0.pth``).
 
 Sample grids and model files go under ``--work`` (default ``runs/bench_generator_holo20``, git-ignored): the
 images' licence keeps real-data grids out of the repository. Without the data folder the script prints a message
@@ -18,6 +21,7 @@ Run (from the repository root)::
     python tests/benchmarks/bench_generator_holo20.py                                  # 20 characters x 20 min x 2
     python tests/benchmarks/bench_generator_holo20.py --characters 2 --minutes 3 --classifier-epochs 4  # quick look
     python tests/benchmarks/bench_generator_holo20.py --characters ame,gura --discriminators projected
+    python tests/benchmarks/bench_generator_holo20.py --also-judge runs/bench_distill/mnv2_112/hard_seed0.pth
 """
 
 from __future__ import annotations
@@ -58,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="epochs of the detector and the judge (default: the recipe's 20)")
     p.add_argument("--detector", type=Path, help="use this detector model file (default: train/reuse one in --work)")
     p.add_argument("--judge", type=Path, help="use this judge model file (default: train/reuse one in --work)")
+    p.add_argument("--also-judge", type=Path, action="append", default=[],
+                   help="another judge scoring the same samples, e.g. of another architecture (repeatable; a column "
+                        "'also %%' per judge)")
     p.add_argument("--work", type=Path, default=Path("runs") / NAME,
                    help="classifiers, generators and sample grids (default: runs/bench_generator_holo20, git-ignored)")
     add_set_arg(p, "generator", "loss.cls=0.5")
@@ -175,22 +182,27 @@ def main(argv=None) -> int:
     print(f"{NAME}: detector {det_info}\n{NAME}: judge {judge_info}", flush=True)
 
     rows, results = [], []
+    headers = ["character", "D", "epochs", "min", "judge %", "judge real %", "guide %", "KID", "KID std", "div",
+               "div real", "ratio"] + [f"also {i + 1} % (real)" for i in range(len(args.also_judge))]
+    for i, j in enumerate(args.also_judge):
+        print(f"{NAME}: also judge {i + 1}: {j}", flush=True)
     for character in chosen:
         for disc in discs:
             print(f"\n{NAME}: {character} / {disc}: training for {args.minutes:g} min", flush=True)
             run = train_generator(args, character, disc, detector, overrides)
             t0 = time.perf_counter()
             rep = evaluate_generator(run["model"], data, judge, n=args.n, seed=0, feature_size=args.feature_size,
-                                     device="cpu")
+                                     device="cpu", also_judges=args.also_judge)
             run["eval_s"] = time.perf_counter() - t0
             j, k, d = rep["judge"], rep["kid"], rep["diversity"]
             results.append({"character": character, "discriminator": disc, **run, "report": rep})
             rows.append([character, disc, int(run["epochs"] or 0), f"{run['train_min']:.1f}",
                          f"{100 * j['recognition']:.1f}", f"{100 * j['real_recognition']:.1f}",
                          f"{100 * (run['guide_recognition'] or 0):.0f}", f"{k['mean']:.4f}", f"{k['std']:.4f}",
-                         f"{d['samples']:.3f}", f"{d['real']:.3f}", f"{d['ratio']:.2f}"])
-            print_table(["character", "D", "epochs", "min", "judge %", "judge real %", "guide %", "KID", "KID std",
-                         "div", "div real", "ratio"], rows[-1:])
+                         f"{d['samples']:.3f}", f"{d['real']:.3f}", f"{d['ratio']:.2f}"]
+                        + [f"{100 * o['recognition']:.1f} ({100 * o['real_recognition']:.0f})"
+                           for o in rep["also_judges"]])
+            print_table(headers, rows[-1:])
 
     summary = {}
     for disc in discs:
@@ -202,10 +214,14 @@ def main(argv=None) -> int:
                 "characters_meeting_goal": sum(x >= GOAL_RECOGNITION for x in rec),
                 "mean_kid": sum(r["report"]["kid"]["mean"] for r in mine) / len(mine),
                 "mean_diversity_ratio": sum(r["report"]["diversity"]["ratio"] for r in mine) / len(mine),
+                "also_judges": [{"model": str(j), "mean_recognition": sum(r["report"]["also_judges"][i]["recognition"]
+                                                                          for r in mine) / len(mine),
+                                 "characters_meeting_goal": sum(r["report"]["also_judges"][i]["recognition"]
+                                                                >= GOAL_RECOGNITION for r in mine)}
+                                for i, j in enumerate(args.also_judge)],
             }
     print()
-    print_table(["character", "D", "epochs", "min", "judge %", "judge real %", "guide %", "KID", "KID std", "div",
-                 "div real", "ratio"], rows,
+    print_table(headers, rows,
                 title=f"holo20 generators, {args.image_size} px, {args.minutes:g} min each on CPU (chance "
                 f"{100 / max(1, len(names)):.0f} %, goal >= {100 * GOAL_RECOGNITION:.0f} % by the independent judge)")
     print()
@@ -213,6 +229,10 @@ def main(argv=None) -> int:
                 [[d, s["characters"], f"{100 * s['mean_judge_recognition']:.1f}", s["characters_meeting_goal"],
                   f"{s['mean_kid']:.4f}", f"{s['mean_diversity_ratio']:.2f}"] for d, s in summary.items()],
                 title="per discriminator")
+    for d, sm in summary.items():
+        for i, a in enumerate(sm["also_judges"]):
+            print(f"{d}: also judge {i + 1} ({a['model']}): mean {100 * a['mean_recognition']:.1f} %, "
+                  f"{a['characters_meeting_goal']} characters >= {100 * GOAL_RECOGNITION:.0f} %")
     print("\n'guide %' is the guiding detector's own score of the samples (what the generator trained against); "
           "'judge %' is the independent judge's. Grids: " + str(args.work / "generated_images"))
     if args.quick:
