@@ -247,14 +247,15 @@ def real_images(data: str | Path, character: str, image_size: int, split: str = 
 # --------------------------------------------------------------------------------------------- the report
 
 
-def _judge_classes(judge: str | Path, character: str) -> list[str]:
-    """The judge's class names; an error naming the file when the generator's character is not among them."""
-    names = list(read_metadata(judge)["class_names"])
+def _judge_metadata(judge: str | Path, character: str) -> dict[str, Any]:
+    """The judge file's metadata; an error naming the file when the generator's character is not among its classes."""
+    meta = read_metadata(judge)
+    names = list(meta["class_names"])
     if character not in names:
         more = " ..." if len(names) > 30 else ""
         raise EvaluationError(f"--judge {judge} does not know the generator's character '{character}' (classes are "
                               f"matched by name); its classes: {', '.join(names[:30])}{more}")
-    return names
+    return meta
 
 
 def evaluate_generator(model: str | Path, data: str | Path, judge: str | Path, *, n: int = 256, seed: int = 0,
@@ -280,10 +281,12 @@ def evaluate_generator(model: str | Path, data: str | Path, judge: str | Path, *
     generator, meta = load_generator(model, dev)  # CheckpointError: not a generator file
     character = meta["character"]
     independence = check_judge(judge, meta, model)
-    judge_names = _judge_classes(judge, character)
+    jmeta = _judge_metadata(judge, character)
+    judge_names = list(jmeta["class_names"])
+    other_metas = []
     for other in also_judges:  # every judge is checked before any sampling
         check_judge(other, meta, model)
-        _judge_classes(other, character)
+        other_metas.append(_judge_metadata(other, character))
     real, skipped, folders = real_images(data, character, int(meta["image_size"]), real_split)
     if len(real) < 2:
         raise EvaluationError(f"character '{character}': only {len(real)} real image in "
@@ -301,11 +304,11 @@ def evaluate_generator(model: str | Path, data: str | Path, judge: str | Path, *
            for i in counts.argsort(descending=True)[:5].tolist() if counts[i] > 0]
     del judge_net
     others = []
-    for other in also_judges:  # the same samples and real images, seen by judges of other seeds or architectures
+    for other, other_meta in zip(also_judges, other_metas):  # the same samples, seen by other judges
         other_net = load_judge(other, dev)
         seen = judge_scores(samples, other_net, character, batch_size)
         seen_real = judge_scores(real_x, other_net, character, batch_size)
-        others.append({"model": str(other), "arch": read_metadata(other).get("arch"),
+        others.append({"model": str(other), "arch": other_meta.get("arch"),
                        "recognition": seen["judge_recognition"], "target_prob": seen["judge_target_prob"],
                        "real_recognition": seen_real["judge_recognition"]})
         del other_net
@@ -314,7 +317,6 @@ def evaluate_generator(model: str | Path, data: str | Path, judge: str | Path, *
     fake_f, real_f = net.features(samples, batch_size), net.features(real_x, batch_size)
     kid = kernel_inception_distance(real_f, fake_f, subsets=kid_subsets, subset_size=kid_subset_size, seed=seed)
     div_fake, div_real = mean_pairwise_cosine_distance(fake_f), mean_pairwise_cosine_distance(real_f)
-    jmeta = read_metadata(judge)
     return {
         "model": str(model), "character": character, "class_id": meta["class_id"], "image_size": meta["image_size"],
         "epoch": meta.get("epoch"), "discriminator": meta.get("discriminator"), "n": n, "seed": seed,
