@@ -11,6 +11,7 @@ from PIL import Image
 from animeai.config import ConfigError, DetectorConfig, FusionConfig, load_config
 from animeai.data import device_augment as da
 from animeai.data.transforms import train_transform
+from animeai.tasks.detector import DetectorTask
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -104,27 +105,18 @@ def test_augment_on_choice_and_fusion_refuses_device():
         load_config(FusionConfig, None, {"augment.on": "device"})
 
 
-class _Recorder:
-    """A detector task class that records what the model is fed with ``--augment-on device``."""
+class _Recording(DetectorTask):
+    """A detector task that records what the model is fed with ``--augment-on device``."""
 
-    @staticmethod
-    def make():
-        from animeai.tasks.detector import DetectorTask
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.fed: list[tuple[int, float]] = []
 
-        class Recording(DetectorTask):
-            fed: list[tuple[int, float]]
-
-            def __init__(self, cfg):
-                super().__init__(cfg)
-                self.fed = []
-
-            def train_images(self, images):
-                assert images.dtype == torch.uint8  # the loader handed over uint8
-                out = super().train_images(images)
-                self.fed.append((self.device_augment._epoch, float(out.double().sum())))
-                return out
-
-        return Recording
+    def train_images(self, images):
+        assert images.dtype == torch.uint8  # the loader handed over uint8
+        out = super().train_images(images)
+        self.fed.append((self.device_augment._epoch, float(out.double().sum())))
+        return out
 
 
 class _Interrupt(Exception):
@@ -138,8 +130,7 @@ def test_detector_trains_with_device_augmentation_and_resume_redraws_it(small_cf
         return small_cfg(**{"augment.on": "device", "run.epochs": 2, "run.run_dir": str(tmp_path / name),
                             "run.out": str(tmp_path / f"{name}.pth"), **extra})
 
-    task_cls = _Recorder.make()
-    straight = task_cls(cfg_for("a"))
+    straight = _Recording(cfg_for("a"))
     result = train(straight.cfg, straight)
     assert result.history[-1]["val_top1"] > 0.5  # 4 classes: it learned through the device pipeline
     epochs = [e for e, _ in straight.fed]
@@ -151,8 +142,8 @@ def test_detector_trains_with_device_augmentation_and_resume_redraws_it(small_cf
             raise _Interrupt()
 
     with pytest.raises(_Interrupt):
-        first = task_cls(cfg_for("b"))
+        first = _Recording(cfg_for("b"))
         train(first.cfg, first, callbacks=[crash])
-    resumed = task_cls(cfg_for("b", **{"run.resume": True}))
+    resumed = _Recording(cfg_for("b", **{"run.resume": True}))
     train(resumed.cfg, resumed)
     assert [s for _, s in resumed.fed] == pytest.approx(second_epoch, rel=1e-6)  # the same augmented batches
