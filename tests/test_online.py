@@ -380,11 +380,82 @@ def test_index_kinds_persist_and_skip_removed(kind, tmp_path):
     np.testing.assert_array_equal(back.prototypes(), db.prototypes())
 
 
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw", "ivfpq"])
+def test_database_without_kept_vectors(kind, tmp_path):
+    """keep_vectors=False: the index is the only copy of the vectors. Searches, role vectors (reconstructed:
+    exact, or 8-bit for the SQ8 re-ranking kind), removal, save/load and rebuild behave as with kept vectors."""
+    rng = np.random.default_rng(0)
+    data = [rng.normal(size=(100, 32)) + 8 * np.eye(32)[r] for r in range(4)]
+    kept, lean = FeatureDB(32, "h", index_kind=kind), FeatureDB(32, "h", index_kind=kind, keep_vectors=False)
+    for db in (kept, lean):
+        for r in range(4):
+            db.add_role(f"r{r}", data[r])
+    assert lean.index_spec == "Flat"  # exact until the first rebuild trains the kind on everything added
+    for db in (kept, lean):
+        db.rebuild()
+    assert lean.index_spec == kept.index_spec == choose_index(400, 32, kind)
+    assert lean._vec.nbytes == 0 and kept._vec.nbytes > 0
+    lossy = "SQ8" in lean.index_spec
+    tol = 0.02 if lossy else 1e-6
+    truth = np.array([0, 1, 2, 3] * 5)
+    q = np.random.default_rng(5).normal(size=(20, 32)) + 8 * np.eye(32)[truth]
+
+    def agree(db_a, db_b, k):  # identical results; the 8-bit kind: the same role found (for queries of a live role)
+        (_, ia, ra), (_, ib, rb) = db_a.search_vectors(q, k), db_b.search_vectors(q, k)
+        if lossy:
+            live = np.isin(truth, [0, 2, 3]) if db_a.num_roles == 3 else slice(None)
+            np.testing.assert_array_equal(ra[live, 0], rb[live, 0])
+        else:
+            np.testing.assert_array_equal(ia, ib)
+
+    agree(lean, kept, 5)
+    assert (lean.search(q, 1)[1][:, 0] == truth).all()
+    for r in range(4):
+        (v1, n1), (v2, n2) = kept.vectors_of(r), lean.vectors_of(r)
+        np.testing.assert_allclose(v2, v1, atol=tol)
+        np.testing.assert_allclose(np.linalg.norm(v2, axis=1), 1, rtol=1e-5)
+        np.testing.assert_array_equal(n2, n1)
+    for db in (kept, lean):
+        db.remove_role(1)
+    assert lean.role_names() == ["r0", "r2", "r3"] and lean.num_vectors == 300
+    agree(lean, kept, 10)
+    gen = lean.save(tmp_path / "db")
+    assert np.load(gen / "vectors.npy").shape == (0, 32)
+    back = FeatureDB.load(tmp_path / "db", expect_dim=32)
+    assert back.keep_vectors is False and back._vec.nbytes == 0
+    agree(back, lean, 5)
+    np.testing.assert_allclose(back.role_sums()[0], kept.role_sums()[0], atol=100 * tol)
+    back.rebuild()
+    agree(back, kept, 3)
+    np.testing.assert_allclose(back.vectors_of(0)[0], kept.vectors_of(0)[0], atol=2 * tol)
+
+
+def test_prepare_trains_the_kind_before_a_bulk_load():
+    rng = np.random.default_rng(3)
+    data = [rng.normal(size=(300, 32)) + 8 * np.eye(32)[r] for r in range(4)]
+    db = FeatureDB(32, "h", index_kind="ivfpq", keep_vectors=False)
+    spec = db.prepare(np.concatenate(data)[::2], expected_vectors=1200)
+    assert spec == choose_index(1200, 32, "ivfpq") == db.index_spec and db._index.is_trained
+    for r in range(4):
+        db.add_role(f"r{r}", data[r][:150])
+        db.add(r, data[r][150:])
+    assert db.index_spec == spec and db.num_vectors == 1200  # the bulk load kept the prepared kind
+    truth = np.arange(20) % 4
+    q = rng.normal(size=(20, 32)) + 8 * np.eye(32)[truth]
+    assert (db.search(q, 1)[1][:, 0] == truth).all()
+    with pytest.raises(OnlineError, match="prepare\\(\\) is for an empty database; this one holds 1200 vectors"):
+        db.prepare(data[0], 1200)
+    with pytest.raises(OnlineError, match="expected_vectors must be a positive integer"):
+        FeatureDB(32, "h").prepare(data[0], 0)
+
+
 def test_index_choice_and_device_rules():
     assert choose_index(1000, 512) == "Flat"
     assert choose_index(1_000_000, 512).startswith("IVF") and choose_index(1_000_000, 512).endswith(",Flat")
     big = choose_index(10_000_000, 512)
-    assert big.startswith("OPQ64_256,IVF16384,PQ64") and big.endswith("Refine(SQ8)")
+    assert big.startswith("OPQ64_256,IVF16384_HNSW32,PQ64") and big.endswith("Refine(SQ8)")
+    assert choose_index(10_000_000, 512, "ivfpq") == "IVF16384_HNSW32,PQ64x4fsr,Refine(SQ8)"
+    assert "HNSW" not in choose_index(1_000_000, 512, "ivfpq")  # below LARGE_NLIST: exact coarse assignment
     assert choose_index(5, 8, "HNSW16,Flat") == "HNSW16,Flat"
     assert faiss_device("auto") == "cpu" and faiss_device("cpu") == "cpu"
     if not hasattr(faiss, "StandardGpuResources"):
@@ -392,6 +463,62 @@ def test_index_choice_and_device_rules():
             faiss_device("gpu")
     with pytest.raises(OnlineError, match="not a valid FAISS"):
         FeatureDB(8, "h", index_kind="NoSuchIndex42")
+
+
+def test_two_level_kmeans_finds_the_clusters():
+    from animeai.online.feature_db import two_level_kmeans
+
+    rng = np.random.default_rng(0)
+    k, dim = 100, 16
+    centres = rng.normal(size=(k, dim)).astype(np.float32) * 10
+    x = (centres[rng.integers(0, k, 20_000)] + rng.normal(size=(20_000, dim))).astype(np.float32)
+    got = two_level_kmeans(x, k, faiss)
+    assert got.shape == (k, dim) and got.dtype == np.float32
+    # as good as one-level k-means (FAISS's, same iterations): objective and true clusters found
+    one = faiss.Kmeans(dim, k, niter=20, seed=1)
+    one.train(x)
+
+    def objective(c):
+        return float(faiss.knn(x, np.ascontiguousarray(c), 1)[0].sum())
+
+    def found(c):  # share of the true centres with a centroid within 2 (the noise spreads points ~4 from theirs)
+        return float((np.sqrt(((centres[:, None] - c[None]) ** 2).sum(-1)).min(1) < 2).mean())
+
+    assert objective(got) <= 1.25 * objective(one.centroids)
+    assert found(got) >= found(one.centroids) - 0.1 and found(got) >= 0.5
+    # tiny inputs: exactly k centroids whatever the cluster sizes; too few points is an error naming both counts
+    assert two_level_kmeans(x[:150], 100, faiss).shape == (100, dim)
+    with pytest.raises(FeatureDBError, match="100 centroids need at least 100 training vectors, got 99"):
+        two_level_kmeans(x[:99], 100, faiss)
+
+
+def test_large_ivf_trains_in_two_levels(monkeypatch):
+    """From LARGE_NLIST lists on, the database trains the coarse quantizer with two_level_kmeans and finds the
+    same neighbours as exact search."""
+    import animeai.online.feature_db as fdb
+
+    calls = []
+    real = fdb.two_level_kmeans
+    monkeypatch.setattr(fdb, "two_level_kmeans", lambda x, k, f, **kw: calls.append((len(x), k)) or real(x, k, f,
+                                                                                                         **kw))
+    nlist = fdb.LARGE_NLIST
+    rng = np.random.default_rng(1)
+    db = FeatureDB(16, "h", index_kind="flat", params=fdb.SearchParams(nprobe=64, ef_search=256))
+    centres = rng.normal(size=(50, 16))
+    for r in range(50):
+        db.add_role(f"r{r}", centres[r] + 0.3 * rng.normal(size=(nlist * 2 // 50, 16)))
+    assert db.rebuild(f"IVF{nlist}_HNSW32,Flat") == f"IVF{nlist}_HNSW32,Flat"
+    assert calls == [(db.num_vectors, nlist)]
+    ivf = faiss.extract_index_ivf(db._cpu_index())
+    assert ivf.nlist == nlist and ivf.quantizer.ntotal == nlist and ivf.ntotal == db.num_vectors
+    q = centres[:20] + 0.3 * rng.normal(size=(20, 16))
+    _, ids, _ = db.search_vectors(q, 5)
+    exact = FeatureDB(16, "h", index_kind="flat")
+    for r in range(50):
+        exact.add_role(f"r{r}", db.vectors_of(r)[0])
+    _, ids_exact, _ = exact.search_vectors(q, 5)
+    overlap = np.mean([len(set(a) & set(b)) / 5 for a, b in zip(ids, ids_exact)])
+    assert overlap >= 0.9
 
 
 def test_concurrent_add_and_search(tmp_path):

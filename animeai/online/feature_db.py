@@ -10,7 +10,11 @@
   vector given when it was added (e.g. the classifier's own weight row).
 * **Index kinds** (:func:`choose_index`): FAISS ``index_factory`` strings. ``auto`` picks exact ``Flat`` up to
   50k vectors, ``IVF<nlist>,Flat`` up to 2M, and above that ``OPQ<m>_<4m>,IVF<nlist>,PQ<m>x4fsr,Refine(SQ8)``
-  (compressed fast-scan codes, candidates re-ranked from 8-bit scalar codes). The names ``flat``, ``ivf``,
+  (compressed fast-scan codes, candidates re-ranked from 8-bit scalar codes). From ``LARGE_NLIST`` lists on
+  (about 4M vectors) the IVF kinds assign vectors to lists through an HNSW graph over the centroids instead of
+  comparing with every centroid (``IVF<nlist>_HNSW32``), and :func:`train_index` trains their k-means in two
+  levels (``sqrt(nlist)`` coarse clusters, each split in proportion to its size): both are what keeps a 10M-vector
+  build to minutes on a few cores. The names ``flat``, ``ivf``,
   ``hnsw``, ``ivfpq`` and ``opq`` pick a kind with the same size rules for its parameters; any other string is
   used as a factory string as is. Indexes that cannot remove vectors (HNSW, re-ranking indexes) keep removed
   vectors as tombstones that searches skip until the next rebuild.
@@ -28,6 +32,13 @@
   ``manifest.json`` (format, version, dimension, model hash, index kind, counts, and the size + SHA-256 of every
   file), ``index.faiss`` (``faiss.write_index``; FAISS files are not pickles), ``roles.json`` and ``.npy`` arrays
   read with ``allow_pickle=False``. Nothing is ever unpickled.
+* **Memory at scale** (``keep_vectors=False``): by default the normalised vectors are kept next to the index
+  (4 bytes per dimension per vector: 20 GB for 10M x 512). Without them the index is the only copy: the vectors a
+  replay, a rebuild or :meth:`FeatureDB.vectors_of` needs are reconstructed from it (exact for ``Flat``/``IVF,Flat``,
+  8-bit precise for the ``Refine(SQ8)`` kinds), so a 10M x 512 ``ivfpq`` database holds ~6 GB. IVF kinds get a
+  hash-table direct map for that (reconstruction by id). Such a database starts with an exact ``Flat`` index and
+  becomes its kind at the first :meth:`FeatureDB.rebuild`, trained on a sample of everything added by then (a
+  kind trained on the first few vectors would clip later ones, and its codes are the only copy).
 """
 
 from __future__ import annotations
@@ -61,6 +72,9 @@ _GEN_RE = re.compile(r"^gen-(\d{8})$")
 _FILES = ("index.faiss", "vectors.npy", "norms.npy", "vec_role.npy", "prototypes.npy", "roles.json")
 FLAT_MAX = 50_000
 IVF_FLAT_MAX = 2_000_000
+LARGE_NLIST = 8192  # from here on: HNSW coarse quantizer and two-level k-means
+_CHUNK = 65_536  # vectors per step when reconstructing, rebuilding or summing
+_TRAIN_MAX = 500_000  # training sample of a rebuild
 
 
 def require_faiss():
@@ -117,14 +131,88 @@ def choose_index(n: int, dim: int, kind: str = "auto") -> str:
         kind = "flat" if n <= FLAT_MAX else "ivf" if n <= IVF_FLAT_MAX else "opq"
     nlist = _nlist(n)
     m = _pq_m(dim)
+    ivf = f"IVF{nlist}_HNSW32" if nlist >= LARGE_NLIST else f"IVF{nlist}"
     named = {
         "flat": "Flat",
-        "ivf": f"IVF{nlist},Flat",
+        "ivf": f"{ivf},Flat",
         "hnsw": "HNSW32,Flat",
-        "ivfpq": f"IVF{nlist},PQ{m}x4fsr,Refine(SQ8)",
-        "opq": f"OPQ{m}_{4 * m},IVF{nlist},PQ{m}x4fsr,Refine(SQ8)",
+        "ivfpq": f"{ivf},PQ{m}x4fsr,Refine(SQ8)",
+        "opq": f"OPQ{m}_{4 * m},{ivf},PQ{m}x4fsr,Refine(SQ8)",
     }
     return named.get(kind, kind)
+
+
+def _inner_ivf(index, faiss, x: np.ndarray):
+    """The IVF index inside ``index`` (through id maps, re-ranking and pre-transforms, training the transforms on
+    ``x`` on the way) and ``x`` as that IVF sees it; ``(None, x)`` when there is none."""
+    node = faiss.downcast_index(index)
+    for _ in range(8):
+        if isinstance(node, faiss.IndexIVF):
+            return node, x
+        if isinstance(node, faiss.IndexPreTransform):
+            for i in range(node.chain.size()):
+                vt = node.chain.at(i)
+                if not vt.is_trained:
+                    vt.train(x)
+                x = vt.apply(x)
+        inner = getattr(node, "index", None) or getattr(node, "base_index", None)
+        if inner is None:
+            return None, x
+        node = faiss.downcast_index(inner)
+    return None, x
+
+
+def two_level_kmeans(x: np.ndarray, k: int, faiss, *, niter: int = 20, seed: int = 1234) -> np.ndarray:
+    """``k`` centroids of ``x`` in two levels: ``sqrt(k)`` coarse clusters, then each split into a share of ``k``
+    proportional to its size (at least one centroid each, never more than its points). Costs about
+    ``2 * sqrt(k)`` distance computations per point and iteration instead of ``k``."""
+    n, d = x.shape
+    if n < k:
+        raise FeatureDBError(f"{k} centroids need at least {k} training vectors, got {n}")
+    k1 = max(1, min(int(math.sqrt(k)), n))
+    quiet = {"min_points_per_centroid": 1}  # few points per centroid is the point here: no FAISS warnings
+    top = faiss.Kmeans(d, k1, niter=niter, seed=seed, max_points_per_centroid=2000, **quiet)
+    top.train(x)
+    assign = top.assign(x)[1]
+    sizes = np.bincount(assign, minlength=k1)
+    share = np.maximum(1, np.floor(sizes / n * k)).astype(np.int64) * (sizes > 0)
+    share = np.minimum(share, sizes)
+    order = np.argsort(-(sizes / n * k - share))  # hand the remainder to the largest fractional parts
+    i = 0
+    while share.sum() < k:
+        c = order[i % k1]
+        if share[c] < sizes[c]:
+            share[c] += 1
+        i += 1
+    while share.sum() > k:  # the "at least one" floor overshot: take back from the largest shares
+        share[np.argmax(share)] -= 1
+    parts = []
+    for c in range(k1):
+        if share[c] == 0:
+            continue
+        sub = x[assign == c]
+        if share[c] == len(sub):
+            parts.append(sub)
+            continue
+        km = faiss.Kmeans(d, int(share[c]), niter=niter, seed=seed + c + 1, max_points_per_centroid=256, **quiet)
+        km.train(np.ascontiguousarray(sub))
+        parts.append(km.centroids)
+    return np.ascontiguousarray(np.concatenate(parts).astype(np.float32))
+
+
+def train_index(index, x: np.ndarray, faiss=None) -> None:
+    """Train ``index`` on ``x``. An IVF of ``LARGE_NLIST`` lists or more gets its centroids from
+    :func:`two_level_kmeans` first (FAISS then trains the rest: codes, re-ranking, transforms); smaller ones are
+    trained by FAISS alone."""
+    faiss = faiss or require_faiss()
+    ivf, xt = _inner_ivf(index, faiss, x)
+    if ivf is not None and ivf.nlist >= LARGE_NLIST and ivf.quantizer.ntotal == 0:
+        centroids = two_level_kmeans(np.ascontiguousarray(xt, dtype=np.float32), ivf.nlist, faiss)
+        if ivf.metric_type == faiss.METRIC_INNER_PRODUCT:  # FAISS's own IVF training is spherical for IP
+            centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+        ivf.quantizer.train(centroids)
+        ivf.quantizer.add(centroids)
+    index.train(x)
 
 
 @dataclass(frozen=True)
@@ -155,7 +243,12 @@ def apply_search_params(index, params: SearchParams, faiss=None) -> None:
     """Set nprobe / efSearch / k_factor wherever the index (or what it wraps) has them."""
     faiss = faiss or require_faiss()
     ps = faiss.ParameterSpace()
-    for name, value in (("nprobe", params.nprobe), ("efSearch", params.ef_search)):
+    nprobe = params.nprobe
+    with contextlib.suppress(RuntimeError):  # never more lists than there are: FAISS's fast-scan IVF ("fsr")
+        ivf = faiss.try_extract_index_ivf(index)  # returns garbage (scores ~1e31) when nprobe > nlist
+        if ivf is not None:
+            nprobe = max(1, min(nprobe, ivf.nlist))
+    for name, value in (("nprobe", nprobe), ("efSearch", params.ef_search)):
         with contextlib.suppress(RuntimeError):
             ps.set_index_parameter(index, name, value)
     node = index
@@ -337,8 +430,9 @@ class FeatureDB:
     """Roles, their normalised exemplar embeddings and prototypes, and a FAISS index over the exemplars."""
 
     def __init__(self, dim: int, model_hash: str, *, index_kind: str = "auto", params: SearchParams | None = None,
-                 device: str = "auto"):
+                 device: str = "auto", keep_vectors: bool = True):
         self.faiss = require_faiss()
+        self.keep_vectors = bool(keep_vectors)
         if not isinstance(dim, int) or dim < 1:
             raise OnlineError(f"embedding dimension must be a positive integer, got {dim!r}")
         self.dim = dim
@@ -357,8 +451,10 @@ class FeatureDB:
         self._role_of = np.zeros(0, np.int32)
         self._n = 0
         self._tombstones = 0  # removed vectors still inside the index (kinds without remove_ids)
-        self.index_spec = choose_index(0, dim, index_kind)
-        self._index = new_index(self.index_spec, dim, self.faiss)
+        # without kept vectors, a trained kind must not be trained on the first few vectors (its codes would be
+        # the only copy, clipped to their ranges): vectors go to an exact index until rebuild() trains the kind
+        self.index_spec = choose_index(0, dim, index_kind if keep_vectors else "flat")
+        self._index = self._new_index(self.index_spec)
         self._gpu_res = None
         self._index = self._place(self._index)
 
@@ -393,8 +489,29 @@ class FeatureDB:
 
     def vectors_of(self, role: int) -> tuple[np.ndarray, np.ndarray]:
         """(normalised vectors, norms) of a role's exemplars: ``vectors * norms[:, None]`` are the raw features."""
-        rows = np.nonzero(self._role_of[: self._n] == role)[0]
-        return self._vec[rows].copy(), self._norm[rows].copy()
+        with self._search_lock():  # reconstruction reads the index: like a search
+            rows = np.nonzero(self._role_of[: self._n] == role)[0]
+            return self._rows(rows).copy(), self._norm[rows].copy()
+
+    def _rows(self, rows: np.ndarray) -> np.ndarray:
+        """The normalised vectors of ``rows`` (ids): kept, or reconstructed from the index (re-normalised)."""
+        if self.keep_vectors:
+            return self._vec[rows]
+        out = np.empty((len(rows), self.dim), np.float32)
+        index = self._cpu_index()
+        for s in range(0, len(rows), _CHUNK):
+            part = rows[s: s + _CHUNK].astype(np.int64)
+            out[s: s + len(part)] = index.reconstruct_batch(part)
+        out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out
+
+    def _new_index(self, spec: str):
+        index = new_index(spec, self.dim, self.faiss)
+        if not self.keep_vectors and _native_ids(spec):  # IVF: reconstruction by id needs a direct map
+            ivf = self.faiss.try_extract_index_ivf(index)
+            if ivf is not None:
+                ivf.set_direct_map_type(self.faiss.DirectMap.Hashtable)
+        return index
 
     # ---------------------------------------------------------------- index placement
 
@@ -428,11 +545,12 @@ class FeatureDB:
 
     def _grow(self, extra: int) -> None:
         need = self._n + extra
-        if need <= len(self._vec):
+        if need <= len(self._norm):
             return
-        cap = max(need, 2 * len(self._vec), 64)
-        vec = np.zeros((cap, self.dim), np.float32)
-        vec[: self._n] = self._vec[: self._n]
+        cap = max(need, 2 * len(self._norm), 64)
+        vec = np.zeros((cap if self.keep_vectors else 0, self.dim), np.float32)
+        if self.keep_vectors:
+            vec[: self._n] = self._vec[: self._n]
         norm = np.zeros(cap, np.float32)
         norm[: self._n] = self._norm[: self._n]
         role_of = np.full(cap, -1, np.int32)
@@ -491,9 +609,10 @@ class FeatureDB:
         self._grow(n)
         ids = np.arange(self._n, self._n + n, dtype=np.int64)
         if not self._index.is_trained:  # a trained kind loaded empty, or built before any vector: train now
-            self._index.train(normed)
+            train_index(self._index, normed, self.faiss)
         self._index.add_with_ids(normed, ids)
-        self._vec[self._n: self._n + n] = normed
+        if self.keep_vectors:
+            self._vec[self._n: self._n + n] = normed
         self._norm[self._n: self._n + n] = norms
         self._role_of[self._n: self._n + n] = role
         self._n += n
@@ -517,8 +636,9 @@ class FeatureDB:
             used = self._role_of[: self._n]
             rows = np.nonzero(used == role)[0].astype(np.int64)
             if len(rows):
-                try:
-                    removed = self._index.remove_ids(self.faiss.IDSelectorBatch(rows))
+                try:  # a hash-table direct map (keep_vectors=False) only takes an IDSelectorArray
+                    sel = (self.faiss.IDSelectorBatch if self.keep_vectors else self.faiss.IDSelectorArray)(rows)
+                    removed = self._index.remove_ids(sel)
                     self._tombstones += len(rows) - int(removed)
                 except RuntimeError:  # this kind cannot remove: searches skip the rows until a rebuild
                     self._tombstones += len(rows)
@@ -529,6 +649,24 @@ class FeatureDB:
             self._prototypes, self._sums = self._prototypes[keep], self._sums[keep]
             self._counts, self._fixed = self._counts[keep], self._fixed[keep]
 
+    def prepare(self, sample: np.ndarray, expected_vectors: int) -> str:
+        """Choose the index for a database that will hold about ``expected_vectors`` and train it on ``sample`` (raw
+        embeddings like those to come) before any vector is added: the bulk-load path of a large database, above
+        all with ``keep_vectors=False`` (no exact copy of everything first). Returns the factory string."""
+        normed, _ = self._check(sample)
+        if not isinstance(expected_vectors, int) or expected_vectors < 1:
+            raise OnlineError(f"expected_vectors must be a positive integer, got {expected_vectors!r}")
+        with self.lock.write():
+            if self._index.ntotal:
+                raise OnlineError(f"prepare() is for an empty database; this one holds {self._index.ntotal} vectors "
+                                  "(use rebuild())")
+            spec = choose_index(expected_vectors, self.dim, self.index_kind)
+            index = self._new_index(spec)
+            if not index.is_trained:
+                train_index(index, normed, self.faiss)
+            self.index_spec, self._index = spec, self._place(index)
+            return spec
+
     def rebuild(self, kind: str | None = None) -> str:
         """Build a fresh index of ``kind`` (default: this database's kind, re-chosen for the current size) from the
         live vectors, training it when the kind needs training; drops tombstones. Returns the factory string."""
@@ -537,12 +675,14 @@ class FeatureDB:
                 self.index_kind = kind
             live = np.nonzero(self._role_of[: self._n] >= 0)[0].astype(np.int64)
             spec = choose_index(len(live), self.dim, self.index_kind)
-            index = new_index(spec, self.dim, self.faiss)
-            vectors = self._vec[live]
-            if not index.is_trained and len(live):
-                index.train(vectors)
-            if len(live):
-                index.add_with_ids(vectors, live)
+            index = self._new_index(spec)
+            if not index.is_trained and len(live):  # a random sample is enough to train (FAISS samples too)
+                sample = live if len(live) <= _TRAIN_MAX else np.sort(
+                    np.random.default_rng(0).choice(live, _TRAIN_MAX, replace=False))
+                train_index(index, np.ascontiguousarray(self._rows(sample)), self.faiss)
+            for s in range(0, len(live), _CHUNK):  # never a copy of every vector at once
+                part = live[s: s + _CHUNK]
+                index.add_with_ids(np.ascontiguousarray(self._rows(part)), part)
             self.index_spec, self._tombstones = spec, 0
             self._index = self._place(index)
             return spec
@@ -635,7 +775,7 @@ class FeatureDB:
         n = self._n
         self.faiss.write_index(self._cpu_index(), str(folder / "index.faiss"))
         _fsync_file(folder / "index.faiss")
-        _write_npy(folder / "vectors.npy", self._vec[:n])
+        _write_npy(folder / "vectors.npy", self._vec[:n] if self.keep_vectors else self._vec[:0])
         _write_npy(folder / "norms.npy", self._norm[:n])
         _write_npy(folder / "vec_role.npy", self._role_of[:n])
         _write_npy(folder / "prototypes.npy", self._prototypes)
@@ -647,6 +787,7 @@ class FeatureDB:
             "format": FORMAT, "format_version": FORMAT_VERSION, "dim": self.dim, "model_hash": self.model_hash,
             "metric": "inner_product", "index_kind": self.index_kind, "index_spec": self.index_spec,
             "num_roles": len(self.roles), "num_rows": n, "num_vectors": self.num_vectors,
+            "keep_vectors": self.keep_vectors,
             "tombstones": self._tombstones, "index_ntotal": int(self._index.ntotal),
             "search_params": {"nprobe": self.params.nprobe, "ef_search": self.params.ef_search,
                               "k_factor": self.params.k_factor},
@@ -696,9 +837,13 @@ class FeatureDB:
                 raise FeatureDBError(f"{f}: damaged: its SHA-256 differs from the manifest's")
         params = SearchParams(**{k: int(v) for k, v in manifest.get("search_params", {}).items()
                                  if k in ("nprobe", "ef_search", "k_factor")})
-        db = cls(dim, manifest["model_hash"], index_kind=manifest["index_kind"], params=params, device=device)
+        keep = manifest.get("keep_vectors", True)
+        if not isinstance(keep, bool):
+            raise FeatureDBError(f"{mpath}: damaged manifest: field 'keep_vectors' is not true/false")
+        db = cls(dim, manifest["model_hash"], index_kind=manifest["index_kind"], params=params, device=device,
+                 keep_vectors=keep)
         n = manifest["num_rows"]
-        vec = _read_npy(folder / "vectors.npy", np.float32, (n, dim))
+        vec = _read_npy(folder / "vectors.npy", np.float32, (n if keep else 0, dim))
         norm = _read_npy(folder / "norms.npy", np.float32, (n,))
         role_of = _read_npy(folder / "vec_role.npy", np.int32, (n,))
         protos = _read_npy(folder / "prototypes.npy", np.float32, (manifest["num_roles"], dim))
@@ -731,15 +876,15 @@ class FeatureDB:
         db._prototypes = protos
         db._counts = np.bincount(role_of[role_of >= 0], minlength=len(roles)).astype(np.int64)
         db._sums = np.zeros((len(roles), dim), np.float64)
-        live = np.nonzero(role_of >= 0)[0]
-        if len(live):
-            order = live[np.argsort(role_of[live], kind="stable")]
-            starts = np.searchsorted(role_of[order], np.arange(len(roles)))
-            nonempty = db._counts > 0
-            sums = np.add.reduceat(vec[order].astype(np.float64), starts[nonempty], axis=0)
-            db._sums[nonempty] = sums
         db._tombstones = manifest["tombstones"]
         db.index_spec = manifest["index_spec"]
+        db._index = index
+        live = np.nonzero(role_of >= 0)[0]
+        for s in range(0, len(live), _CHUNK):  # per-role sums of the live vectors (kept, or from the index)
+            part = live[s: s + _CHUNK]
+            order = np.argsort(role_of[part], kind="stable")
+            which, starts = np.unique(role_of[part][order], return_index=True)
+            db._sums[which] += np.add.reduceat(db._rows(part[order]).astype(np.float64), starts, axis=0)
         db._index = db._place(index)
         db.generation = folder
         return db
