@@ -385,8 +385,8 @@ def _online_summary(ol) -> dict:
 def cmd_enroll(args: argparse.Namespace) -> int:
     from animeai.online import OnlineLearningSystem
 
-    ol = OnlineLearningSystem(args.model, args.db, index_kind=args.index_kind)
-    report = ol.enroll(args.data, skip_bad=not args.strict)
+    ol = OnlineLearningSystem(args.model, args.db, index_kind=args.index_kind, keep_vectors=not args.no_keep_vectors)
+    report = ol.enroll(args.data, skip_bad=not args.strict, keep_vectors=False if args.no_keep_vectors else None)
     for s in report["skipped"]:
         print(f"skipped {s}", file=sys.stderr)
     print(f"enrolled {report['vectors']} embeddings of {report['roles']} roles into {args.db} ({report['index']})",
@@ -425,6 +425,10 @@ def add_online_parsers(sub) -> None:
     p.add_argument("--data", required=True, help="folder of character folders")
     p.add_argument("--index-kind", default="auto", help="auto | flat | ivf | hnsw | ivfpq | opq | a FAISS "
                    "index_factory string (default: auto, chosen by size)")
+    p.add_argument("--no-keep-vectors", action="store_true",
+                   help="a new database keeps no float32 copy of the embeddings beside the index (4 bytes x dim per "
+                   "vector): replays and rebuilds reconstruct them from the index (8-bit precise for ivfpq/opq). For "
+                   "very large databases")
     p.add_argument("--strict", action="store_true", help="fail on an unreadable image instead of skipping it")
     p.set_defaults(func=cmd_enroll)
     p = sub.add_parser("add-role", help="add a character to a model + feature database without retraining",

@@ -67,9 +67,11 @@ def test_shards_hold_slices_by_id_modulo(pair):
     assert sharded.shard_of(np.array([0, 1, 60])).tolist() == [0, 1, 0]
 
 
-def test_add_routed_and_searchable_then_remove(local_ray):
+@pytest.mark.parametrize("keep_vectors", [True, False])
+def test_add_routed_and_searchable_then_remove(local_ray, keep_vectors):
     one = FeatureDB(DIM, "h", index_kind="flat", device="cpu")
-    with ShardedFeatureDB.start(2, DIM, "h", kind="flat", num_cpus=0.5) as sharded:
+    with ShardedFeatureDB.start(2, DIM, "h", kind="flat", num_cpus=0.5, keep_vectors=keep_vectors) as sharded:
+        assert [i["keep_vectors"] for i in sharded.shard_info()] == [keep_vectors] * 2
         for db in (one, sharded):
             db.add_role("a", vectors(5, 1))
             db.add_role("b", vectors(4, 2))

@@ -178,8 +178,11 @@ def test_prototype_only_database_evidence(world, tmp_path):
             OnlineLearningSystem(world["model"], tmp_path / "db", knn=bad)
 
 
-def test_incremental_update_replays_old_roles(world, tmp_path):
-    ol = OnlineLearningSystem(world["model"], tmp_path / "db", data_root=world["old_train"])
+@pytest.mark.parametrize("keep_vectors", [True, False])
+def test_incremental_update_replays_old_roles(world, tmp_path, keep_vectors):
+    """Also without kept vectors: the replayed exemplars then come back from the index."""
+    ol = OnlineLearningSystem(world["model"], tmp_path / "db", data_root=world["old_train"], keep_vectors=keep_vectors)
+    assert ol.db.keep_vectors is keep_vectors
     for name in world["new"]:
         ol.add_new_role(name, imgs(world, name, n=3))
     names = world["old"] + world["new"]
@@ -235,6 +238,15 @@ def test_cli_enroll_and_add_role(world, tmp_path, capsys):
     assert main(["add-role", "--model", str(tmp_path / "out.pth"), "--db", str(db), "--name", "Ünïcødé 角色",
                  str(folder)]) == 2
     assert "already exists" in capsys.readouterr().err
+    # re-enrolling with --no-keep-vectors makes the database lean (no float32 copy), with the same roles
+    assert main(["enroll", "--model", str(tmp_path / "out.pth"), "--db", str(db), "--data", str(world["old_train"]),
+                 "--no-keep-vectors"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["exemplars"] for r in out["roles"]] == [6] * OLD + [6]
+    from animeai.online.feature_db import FeatureDB
+
+    lean = FeatureDB.load(db)
+    assert lean.keep_vectors is False and lean._vec.nbytes == 0 and lean.num_vectors == 6 * (OLD + 1)
 
 
 # ------------------------------------------------------------------------------------------ bad input

@@ -94,7 +94,8 @@ class FeatureShard:
     """One slice of the vectors in a :class:`FeatureDB` (run as a Ray actor; plain class for in-process tests)."""
 
     def __init__(self, shard: int, num_shards: int, dim: int, model_hash: str, kind: str,
-                 params: dict[str, int] | None, threads: int, load_from: str | None = None):
+                 params: dict[str, int] | None, threads: int, load_from: str | None = None,
+                 keep_vectors: bool = True):
         from animeai.online.feature_db import require_faiss
 
         faiss = require_faiss()
@@ -104,14 +105,14 @@ class FeatureShard:
             self.db = FeatureDB.load(load_from, expect_dim=dim, expect_model_hash=model_hash, device="cpu")
         else:
             self.db = FeatureDB(dim, model_hash, index_kind=kind, params=SearchParams(**(params or {})),
-                                device="cpu")
+                                device="cpu", keep_vectors=keep_vectors)
 
     def info(self) -> dict[str, Any]:
         db = self.db
         return {"shard": self.shard, "pid": os.getpid(), "dim": db.dim, "model_hash": db.model_hash,
                 "index_kind": db.index_kind, "index_spec": db.index_spec, "num_rows": db.num_rows,
                 "num_vectors": db.num_vectors, "ntotal": db.ntotal, "roles": db.roles,
-                "threads": self.threads}
+                "threads": self.threads, "keep_vectors": db.keep_vectors}
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self.db.search_vectors(queries, k)
@@ -175,12 +176,13 @@ class ShardedFeatureDB:
     @classmethod
     def start(cls, num_shards: int, dim: int, model_hash: str = "", *, kind: str = "auto",
               params: SearchParams | None = None, num_cpus: float = 1, threads: int | None = None,
-              max_concurrency: int = 4, actor_options: dict[str, Any] | None = None,
+              max_concurrency: int = 4, actor_options: dict[str, Any] | None = None, keep_vectors: bool = True,
               _load_from: list[str] | None = None) -> ShardedFeatureDB:
         """Start ``num_shards`` empty shard actors on the current Ray connection (a local Ray is started when none
         is connected) and return the driver-side database. ``num_cpus`` per actor (fractions allowed),
         ``threads`` FAISS threads per actor (default: ``num_cpus`` rounded down, at least 1); ``actor_options``
-        are passed to Ray (e.g. ``{"scheduling_strategy": "SPREAD"}`` to place shards on different nodes)."""
+        are passed to Ray (e.g. ``{"scheduling_strategy": "SPREAD"}`` to place shards on different nodes);
+        ``keep_vectors=False``: the shards keep no float32 copy of their vectors (see :class:`FeatureDB`)."""
         ray = require_ray()
         if not isinstance(num_shards, int) or num_shards < 1:
             raise OnlineError(f"number of shards must be a positive integer, got {num_shards!r}")
@@ -197,7 +199,7 @@ class ShardedFeatureDB:
         remote = ray.remote(FeatureShard).options(num_cpus=num_cpus, max_concurrency=max_concurrency,
                                                   **(actor_options or {}))
         actors = [remote.remote(i, num_shards, dim, model_hash, kind, pdict, threads,
-                                _load_from[i] if _load_from else None) for i in range(num_shards)]
+                                _load_from[i] if _load_from else None, keep_vectors) for i in range(num_shards)]
         db = cls(actors, dim=dim, model_hash=model_hash, index_kind=kind, params=params)
         try:
             db._adopt(db._all([a.info.remote() for a in actors], "load" if _load_from else "start"))

@@ -98,7 +98,8 @@ class OnlineLearningSystem:
 
     def __init__(self, model_path: str | Path, feature_db_path: str | Path, data_root: str | Path | None = None, *,
                  device: str | None = "auto", index_kind: str = "auto", classifier_weight: float = 0.25,
-                 temperature: float = 0.02, knn: int = 20, autosave: bool = True, db_device: str = "cpu"):
+                 temperature: float = 0.02, knn: int = 20, autosave: bool = True, db_device: str = "cpu",
+                 keep_vectors: bool = True):
         if not 0.0 <= classifier_weight <= 1.0:
             raise OnlineError(f"classifier_weight must be in [0, 1], got {classifier_weight}")
         if not temperature > 0:
@@ -131,7 +132,7 @@ class OnlineLearningSystem:
                                      device=db_device)
             self._reconcile()
         elif is_empty_location(self.db_path):
-            self.db = self._build_db(data_root, index_kind, db_device)
+            self.db = self._build_db(data_root, index_kind, db_device, keep_vectors)
             if autosave:
                 self.db.save(self.db_path)
         else:
@@ -164,8 +165,9 @@ class OnlineLearningSystem:
             self._head_kind.append("imprinted")
             self.notes.append(f"role {name!r} (id {role}) is in the database but not in the model: imprinted it")
 
-    def _build_db(self, data_root: str | Path | None, index_kind: str, db_device: str) -> FeatureDB:
-        db = FeatureDB(self.dim, self.model_hash, index_kind=index_kind, device=db_device)
+    def _build_db(self, data_root: str | Path | None, index_kind: str, db_device: str,
+                  keep_vectors: bool) -> FeatureDB:
+        db = FeatureDB(self.dim, self.model_hash, index_kind=index_kind, device=db_device, keep_vectors=keep_vectors)
         if data_root is None:
             w = self.head.weight.detach().float().cpu().numpy()
             for name, row in zip(self.clf.class_names, w):
@@ -208,14 +210,17 @@ class OnlineLearningSystem:
                           + (f", {len(scan.errors)} unreadable file(s) skipped" if scan.errors else ""))
         return db
 
-    def enroll(self, data_root: str | Path, skip_bad: bool = True) -> dict[str, Any]:
+    def enroll(self, data_root: str | Path, skip_bad: bool = True, keep_vectors: bool | None = None) -> dict[str, Any]:
         """Rebuild the database from a labelled folder (``data_root/<class>/*``) of the model's classes; saved at once.
         Returns a summary. Classes of the model (and roles added online) without a folder keep their prototype and
-        exemplars as they were; the folder's classes get its images as their exemplars."""
+        exemplars as they were; the folder's classes get its images as their exemplars. ``keep_vectors``: whether
+        the rebuilt database keeps a float32 copy of its vectors (default: as the current one)."""
         with self._mutex:
-            fresh = FeatureDB(self.dim, self.model_hash, index_kind=self.db.index_kind, device=self.db.device)
+            keep = self.db.keep_vectors if keep_vectors is None else keep_vectors
+            like = {"index_kind": self.db.index_kind, "device": self.db.device, "keep_vectors": keep}
+            fresh = FeatureDB(self.dim, self.model_hash, **like)
             fresh = self._db_from_folder(data_root, fresh, skip_bad=skip_bad)
-            merged = FeatureDB(self.dim, self.model_hash, index_kind=self.db.index_kind, device=self.db.device)
+            merged = FeatureDB(self.dim, self.model_hash, **like)
             for i, name in enumerate(self.clf.class_names):
                 src = fresh if fresh.roles[i].get("source") != "classifier_weights" else self.db
                 meta = {k: v for k, v in src.roles[i].items() if k != "name"}
