@@ -523,6 +523,11 @@ def test_large_ivf_trains_in_two_levels(monkeypatch):
     assert calls == [(db.num_vectors, nlist)]
     ivf = faiss.extract_index_ivf(db._cpu_index())
     assert ivf.nlist == nlist and ivf.quantizer.ntotal == nlist and ivf.ntotal == db.num_vectors
+    hnsw = faiss.downcast_index(ivf.quantizer).hnsw
+    assert hnsw.efSearch == 256  # the search setting; adds assign with a narrower beam, restored afterwards
+    with fdb.adding(db._index):
+        assert hnsw.efSearch == fdb.ADD_EF_SEARCH
+    assert hnsw.efSearch == 256
     q = centres[:20] + 0.3 * rng.normal(size=(20, 16))
     _, ids, _ = db.search_vectors(q, 5)
     exact = FeatureDB(16, "h", index_kind="flat")

@@ -37,6 +37,14 @@ def rss_mb(field: str = "VmRSS") -> float:
     return float("nan")
 
 
+def reset_peak_rss() -> None:
+    """Restart this process's peak-memory count (``VmHWM``) from its current size (Linux: ``clear_refs`` 5)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def make_chunk(centers: np.ndarray, start: int, count: int, seed: int, noise: float | np.ndarray,
                labels: bool = False):
     """Vectors ``start .. start+count`` (deterministic per chunk), normalised (and their clusters, with
@@ -284,6 +292,7 @@ def main(argv=None) -> int:
 
     rows = []
     for kind in args.kinds.split(","):
+        reset_peak_rss()  # the peak below is this kind's build (or load) and searches, not the exact search above
         spec, index, build_s, train_s, mem = (build_db if args.through_db else build)(kind, centers, args, faiss)
         for setting in SWEEP.get(kind, [{}]):
             if setting:
