@@ -289,9 +289,11 @@ class GuideConfig(Section):
     perceptual_pretrained: str = opt("auto", "Weights of the perceptual network: auto | hub | PATH (vgg16: the "
                                      "torchvision vgg16-397923af.pth); registry backbones also take package. "
                                      "Never random weights.", flag="perceptual-pretrained")
-    cls_augment: bool = opt(False, "Classify DiffAugment-ed copies of the samples (the --diffaugment steps) in the "
+    cls_augment: bool = opt(True, "Classify DiffAugment-ed copies of the samples (the --diffaugment steps) in the "
                             "detector's loss: class evidence that survives shifts, colour changes and cutout, rather "
-                            "than pixel patterns that fool this one network (expectation over transformations).",
+                            "than pixel patterns that fool this one network (expectation over transformations). On "
+                            "holo20 it raised a MobileNetV2 judge's recognition from 48.3 to 59.8 percent on average "
+                            "(README); --no-cls-augment for the plain detector loss.",
                             flag="cls-augment")
 
     def check(self) -> None:

@@ -256,6 +256,10 @@ def main(argv=None) -> int:
     p.add_argument("--chunk", type=int, default=100_000, help="vectors generated/added at a time")
     p.add_argument("--threads", type=int, default=0, help="FAISS OpenMP threads (0: FAISS default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nprobes", type=int, nargs="+", default=None,
+                   help="ivfpq/opq: the nprobe values swept (default: 16 64)")
+    p.add_argument("--k-factors", type=int, nargs="+", default=None,
+                   help="ivfpq/opq: the re-ranking k_factor values swept (default: 16 32 64 128)")
     p.add_argument("--through-db", action="store_true",
                    help="build and search through animeai's FeatureDB (keep_vectors=False, prepare() then one role "
                    "per cluster) instead of the bare FAISS index: the product's memory and QPS")
@@ -294,7 +298,11 @@ def main(argv=None) -> int:
     for kind in args.kinds.split(","):
         reset_peak_rss()  # the peak below is this kind's build (or load) and searches, not the exact search above
         spec, index, build_s, train_s, mem = (build_db if args.through_db else build)(kind, centers, args, faiss)
-        for setting in SWEEP.get(kind, [{}]):
+        sweep = SWEEP.get(kind, [{}])
+        if kind in ("ivfpq", "opq") and (args.nprobes or args.k_factors):
+            sweep = [{"nprobe": p, "k_factor": f} for p in (args.nprobes or [16, 64])
+                     for f in (args.k_factors or [16, 32, 64, 128])]
+        for setting in sweep:
             if setting:
                 set_params(index, setting, faiss)
             qps, ids = measure(index, queries, 10, args.batch)
