@@ -250,14 +250,15 @@ def main(argv=None) -> int:
                    help="within-cluster spectrum: 0 = isotropic noise (default; the hardest case for compressed "
                    "codes), 1 = power law like real role embeddings (use with --noise 0.022 for their "
                    "within-class cosine ~0.8)")
-    p.add_argument("--kinds", default="flat,ivf,hnsw,ivfpq,opq", help="comma list of feature_db kinds or factory "
-                   "strings (default: flat,ivf,hnsw,ivfpq,opq)")
+    p.add_argument("--kinds", default="flat,ivf,hnsw,ivfpq,opq", help="comma list of feature_db kinds, or FAISS "
+                   "factory strings (they contain commas) separated by ';', or one factory string (default: "
+                   "flat,ivf,hnsw,ivfpq,opq)")
     p.add_argument("--train-size", type=int, default=200_000, help="training sample for IVF/PQ kinds")
     p.add_argument("--chunk", type=int, default=100_000, help="vectors generated/added at a time")
     p.add_argument("--threads", type=int, default=0, help="FAISS OpenMP threads (0: FAISS default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--nprobes", type=int, nargs="+", default=None,
-                   help="ivfpq/opq: the nprobe values swept (default: 16 64)")
+                   help="ivfpq/opq (or a Refine factory string): the nprobe values swept (default: 16 64)")
     p.add_argument("--k-factors", type=int, nargs="+", default=None,
                    help="ivfpq/opq: the re-ranking k_factor values swept (default: 16 32 64 128)")
     p.add_argument("--through-db", action="store_true",
@@ -295,11 +296,16 @@ def main(argv=None) -> int:
             np.save(cached, truth)
 
     rows = []
-    for kind in args.kinds.split(","):
+    named = {"auto", "flat", "ivf", "hnsw", "ivfpq", "opq"}
+    if ";" in args.kinds:
+        kinds = [k for k in args.kinds.split(";") if k.strip()]
+    else:  # names by commas; anything else is one factory string (its commas are its own)
+        kinds = args.kinds.split(",") if set(args.kinds.split(",")) <= named else [args.kinds]
+    for kind in kinds:
         reset_peak_rss()  # the peak below is this kind's build (or load) and searches, not the exact search above
         spec, index, build_s, train_s, mem = (build_db if args.through_db else build)(kind, centers, args, faiss)
         sweep = SWEEP.get(kind, [{}])
-        if kind in ("ivfpq", "opq") and (args.nprobes or args.k_factors):
+        if (kind in ("ivfpq", "opq") or "Refine" in kind) and (args.nprobes or args.k_factors):
             sweep = [{"nprobe": p, "k_factor": f} for p in (args.nprobes or [16, 64])
                      for f in (args.k_factors or [16, 32, 64, 128])]
         for setting in sweep:
