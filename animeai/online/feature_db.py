@@ -209,7 +209,7 @@ def train_index(index, x: np.ndarray, faiss=None) -> None:
     ivf, xt = _inner_ivf(index, faiss, x)
     if ivf is not None and ivf.nlist >= LARGE_NLIST and ivf.quantizer.ntotal == 0:
         centroids = two_level_kmeans(np.ascontiguousarray(xt, dtype=np.float32), ivf.nlist, faiss)
-        if ivf.metric_type == faiss.METRIC_INNER_PRODUCT:  # FAISS's own IVF training is spherical for IP
+        if ivf.metric_type == faiss.METRIC_INNER_PRODUCT:  # unit-length centroids, like the unit-length vectors
             centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
         ivf.quantizer.train(centroids)
         ivf.quantizer.add(centroids)
@@ -243,8 +243,9 @@ def new_index(spec: str, dim: int, faiss=None):
 @contextlib.contextmanager
 def adding(index, faiss=None) -> Iterator[None]:
     """While adding: the HNSW coarse quantizer (large IVF kinds) assigns vectors with a beam of ``ADD_EF_SEARCH``
-    instead of the search setting (4x less work per vector at 128; a vector put in its second-nearest list is
-    still found, that list being probed too). Restored afterwards. Callers hold the database's write lock."""
+    instead of the search setting (3.4x faster than at 128 for 16,384 centroids, measured; a vector put in its
+    second-nearest list is still found, that list being probed too). Restored afterwards. Callers hold the
+    database's write lock."""
     faiss = faiss or require_faiss()
     hnsw = None
     with contextlib.suppress(RuntimeError):
