@@ -515,10 +515,11 @@ class FeatureDB:
         """(normalised vectors, norms) of a role's exemplars: ``vectors * norms[:, None]`` are the raw features."""
         with self._search_lock():  # reconstruction reads the index: like a search
             rows = np.nonzero(self._role_of[: self._n] == role)[0]
-            return self._rows(rows).copy(), self._norm[rows].copy()
+            return self._rows(rows), self._norm[rows]  # both fresh arrays (fancy indexing copies)
 
     def _rows(self, rows: np.ndarray) -> np.ndarray:
-        """The normalised vectors of ``rows`` (ids): kept, or reconstructed from the index (re-normalised)."""
+        """The normalised vectors of ``rows`` (ids), a new array: kept, or reconstructed from the index
+        (re-normalised)."""
         if self.keep_vectors:
             return self._vec[rows]
         out = np.empty((len(rows), self.dim), np.float32)
