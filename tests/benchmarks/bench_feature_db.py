@@ -92,17 +92,28 @@ def exact_topk(centers, args, queries: np.ndarray, k: int) -> np.ndarray:
     return best_i
 
 
+def saved_key(args, spec: str, **extra) -> dict:
+    """What a kept index (``--index-dir``) must have been built from to be reused: the data and the factory."""
+    return {"n": args.n, "dim": args.dim, "seed": args.seed, "clusters": args.clusters, "noise": args.noise,
+            "decay": args.decay, "factory": spec, **extra}
+
+
+def saved_info(saved: Path, meta: Path, key: dict) -> dict:
+    """The build record beside a kept index; refuses one built from other data or as another kind."""
+    info = json.loads(meta.read_text())
+    if info["key"] != key:
+        raise SystemExit(f"{saved} was built for {info['key']}, not {key}: remove it or use another --index-dir")
+    return info
+
+
 def build(kind: str, centers, args, faiss):
     from animeai.online.feature_db import choose_index, new_index, train_index
 
     spec = choose_index(args.n, args.dim, kind)
     saved = args.index_dir / f"{kind}.faiss" if args.index_dir else None
-    key = {"n": args.n, "dim": args.dim, "seed": args.seed, "clusters": args.clusters, "noise": args.noise,
-           "decay": args.decay, "factory": spec}
+    key = saved_key(args, spec)
     if saved is not None and saved.exists():
-        info = json.loads(saved.with_suffix(".json").read_text())
-        if info["key"] != key:
-            raise SystemExit(f"{saved} was built for {info['key']}, not {key}: remove it or use another --index-dir")
+        info = saved_info(saved, saved.with_suffix(".json"), key)
         rss0 = rss_mb()
         index = faiss.read_index(str(saved))
         print(f"{kind}: loaded {saved} (built in {info['build_s']:.0f} s)", flush=True)
@@ -152,12 +163,9 @@ def build_db(kind: str, centers, args, faiss):
     from animeai.online.feature_db import FeatureDB, choose_index, is_database
 
     saved = args.index_dir / f"{kind}-featuredb" if args.index_dir else None
-    key = {"n": args.n, "dim": args.dim, "seed": args.seed, "clusters": args.clusters, "noise": args.noise,
-           "decay": args.decay, "factory": choose_index(args.n, args.dim, kind), "through_db": True}
+    key = saved_key(args, choose_index(args.n, args.dim, kind), through_db=True)
     if saved is not None and is_database(saved):
-        info = json.loads((saved.parent / f"{saved.name}.json").read_text())
-        if info["key"] != key:
-            raise SystemExit(f"{saved} was built for {info['key']}, not {key}: remove it or use another --index-dir")
+        info = saved_info(saved, saved.parent / f"{saved.name}.json", key)
         rss0 = rss_mb()
         t0 = time.perf_counter()
         db = FeatureDB.load(saved, device="cpu")
