@@ -385,7 +385,8 @@ def _online_summary(ol) -> dict:
 def cmd_enroll(args: argparse.Namespace) -> int:
     from animeai.online import OnlineLearningSystem
 
-    ol = OnlineLearningSystem(args.model, args.db, index_kind=args.index_kind, keep_vectors=not args.no_keep_vectors)
+    ol = OnlineLearningSystem(args.model, args.db, index_kind=args.index_kind, keep_vectors=not args.no_keep_vectors,
+                              embedding=args.embedding)
     report = ol.enroll(args.data, skip_bad=not args.strict, keep_vectors=False if args.no_keep_vectors else None)
     for s in report["skipped"]:
         print(f"skipped {s}", file=sys.stderr)
@@ -429,6 +430,10 @@ def add_online_parsers(sub) -> None:
                    help="a new database keeps no float32 copy of the embeddings beside the index (4 bytes x dim per "
                    "vector): replays and rebuilds reconstruct them from the index (8-bit precise for ivfpq/opq). For "
                    "very large databases")
+    p.add_argument("--embedding", choices=["multiscale", "penultimate"], default=None,
+                   help="what a new database indexes: multiscale (default: a descriptor of the last backbone stages, "
+                   "better for characters the model was not trained on) or penultimate (the classifier's own input "
+                   "features); an existing database keeps the one it was built with")
     p.add_argument("--strict", action="store_true", help="fail on an unreadable image instead of skipping it")
     p.set_defaults(func=cmd_enroll)
     p = sub.add_parser("add-role", help="add a character to a model + feature database without retraining",

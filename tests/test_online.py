@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 faiss = pytest.importorskip("faiss")
 faiss.omp_set_num_threads(1)  # tiny indexes; avoids OpenMP spinning on a shared 2-core machine
@@ -167,7 +168,8 @@ def test_prototype_only_database_evidence(world, tmp_path):
     feats = ol.embed(imgs(world, world["new"][0], "val", 3))
     _, p_clf, p_db = ol.scores(feats)
     protos = ol.db.prototypes()
-    cos = (feats / np.linalg.norm(feats, axis=1, keepdims=True)) @ (
+    emb = ol.embedder.split(feats)[1]  # the database's part of the raw features
+    cos = (emb / np.linalg.norm(emb, axis=1, keepdims=True)) @ (
         protos / np.linalg.norm(protos, axis=1, keepdims=True)).T
     z = np.exp((cos - cos.max(axis=1, keepdims=True)) / ol.temperature)
     np.testing.assert_allclose(p_db, z / z.sum(axis=1, keepdims=True), rtol=1e-4, atol=1e-6)
@@ -247,6 +249,16 @@ def test_cli_enroll_and_add_role(world, tmp_path, capsys):
 
     lean = FeatureDB.load(db)
     assert lean.keep_vectors is False and lean._vec.nbytes == 0 and lean.num_vectors == 6 * (OLD + 1)
+    assert lean.aux_dim == 1280 and len(lean.aux_of(OLD)) == 6  # the head features survive the re-enrolment
+    # --embedding penultimate: a database of the head features themselves; naming another for it is refused
+    pen = tmp_path / "pen"
+    assert main(["enroll", "--model", str(world["model"]), "--db", str(pen), "--data", str(world["old_train"]),
+                 "--embedding", "penultimate"]) == 0
+    capsys.readouterr()
+    assert FeatureDB.load(pen).dim == 1280 and FeatureDB.load(pen).aux_dim == 0
+    assert main(["enroll", "--model", str(world["model"]), "--db", str(pen), "--data", str(world["old_train"]),
+                 "--embedding", "multiscale"]) == 2
+    assert "built with embedding 'penultimate'" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -615,3 +627,82 @@ def test_kill_during_save_leaves_a_loadable_database(tmp_path):
         assert version in (done[-1], done[-1] + 1), (attempt, version, done[-1])  # previous or new, never broken
         assert db.num_vectors == 2000 + 50 * version
         assert db.role_counts() == [2000 + 50 * version]
+
+
+# ------------------------------------------------------------------------------------------ embeddings
+
+
+def test_multiscale_embedding_parts(world, tmp_path):
+    """The default embedding: head features identical to the classifier's penultimate features, then the database
+    descriptor of three unit-norm GeM/sqrt parts (unit norm in all); the database keeps the head features as aux."""
+    from animeai.online.embedding import Embedder
+
+    ol = OnlineLearningSystem(world["model"], tmp_path / "db", data_root=world["old_train"])
+    assert ol.embedding == "multiscale" and ol.db.aux_dim == ol.embedder.head_dim == 1280
+    paths = imgs(world, world["old"][0], "val", 3)
+    feats = ol.embed(paths)
+    head, desc = ol.embedder.split(feats)
+    np.testing.assert_allclose(head, ol.clf.embed_paths(paths).numpy(), rtol=1e-4, atol=1e-5)
+    assert desc.shape == (3, ol.db.dim) and ol.db.dim == 1280 + 320 + 192
+    flipped = ol.embed([Image.open(p).convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT) for p in paths])
+    np.testing.assert_allclose(ol.embedder.split(flipped)[1], desc, atol=1e-4)  # mirror-invariant descriptor
+    np.testing.assert_allclose(np.linalg.norm(desc, axis=1), 1.0, rtol=1e-5)
+    assert (desc >= 0).all()  # GeM of post-activation maps, square-rooted: never negative
+    # aux rows are the stored exemplars' head features, in the order of their vectors
+    train = sorted((world["old_train"] / world["old"][0]).iterdir())
+    np.testing.assert_allclose(ol.db.aux_of(0), ol.clf.embed_paths(train).numpy(), rtol=1e-4, atol=1e-4)
+    with pytest.raises(OnlineError, match="embedding 'nope'"):
+        Embedder(ol.clf, "nope")
+
+
+def test_embedding_kinds_are_kept_per_database(world, tmp_path):
+    """A database remembers its embedding (through its model hash): reopening without naming one uses it; naming
+    another is a clear error; the penultimate kind indexes the head features themselves (no aux)."""
+    pen = OnlineLearningSystem(world["model"], tmp_path / "pen", data_root=world["old_train"], embedding="penultimate")
+    assert pen.db.aux_dim == 0 and pen.db.dim == pen.dim == 1280
+    multi = OnlineLearningSystem(world["model"], tmp_path / "multi", data_root=world["old_train"])
+    assert multi.model_hash != pen.model_hash and pen.model_hash == pen.backbone_hash
+    for name in world["new"]:
+        pen.add_new_role(name, imgs(world, name, n=4))
+        multi.add_new_role(name, imgs(world, name, n=4))
+    probe = imgs(world, world["new"][1], "val", 2)
+    assert OnlineLearningSystem(world["model"], tmp_path / "pen").embedding == "penultimate"
+    again = OnlineLearningSystem(world["model"], tmp_path / "multi")
+    assert again.embedding == "multiscale" and again.identify(probe) == multi.identify(probe)
+    with pytest.raises(OnlineError, match="built with embedding 'penultimate'"):
+        OnlineLearningSystem(world["model"], tmp_path / "pen", embedding="multiscale")
+    # the imprinted rows come from the head features either way: the same classifier row in both systems
+    np.testing.assert_allclose(pen.head.weight.detach().numpy(), multi.head.weight.detach().numpy(), rtol=1e-3,
+                               atol=1e-4)
+
+
+def test_database_aux_features(tmp_path):
+    """aux rows travel with their vectors: add, removal of another role, save/load; wrong or missing aux is an error
+    that changes nothing; a name-only role has no exemplars until some are added."""
+    rng = np.random.default_rng(0)
+    db = FeatureDB(8, "h", aux_dim=3)
+    x = [rng.normal(size=(n, 8)) for n in (4, 5)]
+    a = [rng.normal(size=(n, 3)).astype(np.float32) for n in (4, 5)]
+    db.add_role("a", x[0], aux=a[0])
+    db.add_role("b", x[1], aux=a[1])
+    for bad, match in ((None, "give aux"), (np.zeros((2, 3)), "does not fit"), (np.full((4, 3), np.nan), "NaN")):
+        with pytest.raises(OnlineError, match=match):
+            db.add(0, x[0], aux=bad)
+    with pytest.raises(OnlineError, match="no auxiliary"):
+        FeatureDB(8, "h").add_role("c", x[0], aux=a[0])
+    assert db.role_counts() == [4, 5]
+    db.add_role("c", name_only=True)
+    assert db.role_counts() == [4, 5, 0] and not db.prototypes()[2].any()
+    db.add(2, x[0][:2], aux=a[0][:2])
+    db.remove_role(0)
+    np.testing.assert_array_equal(db.aux_of(0), a[1])
+    np.testing.assert_array_equal(db.aux_of(1), a[0][:2])
+    db.save(tmp_path / "db")
+    back = FeatureDB.load(tmp_path / "db", expect_dim=8)
+    assert back.aux_dim == 3 and back.role_names() == ["b", "c"]
+    np.testing.assert_array_equal(back.aux_of(0), a[1])
+    np.testing.assert_array_equal(back.aux_of(1), a[0][:2])
+    gen = next(p for p in (tmp_path / "db").iterdir() if p.name.startswith("gen-"))
+    np.save(gen / "aux.npy", np.zeros((3, 3), np.float32))  # damaged: a file the manifest did not record
+    with pytest.raises(FeatureDBError, match="aux.npy"):
+        FeatureDB.load(tmp_path / "db")

@@ -5,9 +5,13 @@
   is removed). The normalised vectors and their original norms are kept next to the index (``vectors.npy``,
   ``norms.npy``): they give the raw features back for replay training and let the index be rebuilt or re-trained
   as another kind (:meth:`FeatureDB.rebuild`) without decoding an image again.
+* **Auxiliary features** (``aux_dim > 0``): another raw feature vector per exemplar, kept as given next to the
+  index (``aux.npy``) and returned by :meth:`FeatureDB.aux_of`. The online system indexes a retrieval descriptor
+  and keeps the classifier's own input features here for imprinting and replay.
 * **Roles.** Role ``i`` of the database is class ``i`` of the classifier it was built for. Each role has metadata
   (a JSON object) and a prototype: the normalised mean of its exemplars, or, for a role without exemplars, a
-  vector given when it was added (e.g. the classifier's own weight row).
+  vector given when it was added (e.g. the classifier's own weight row), or none (``name_only``: a zero
+  prototype until exemplars come).
 * **Index kinds** (:func:`choose_index`): FAISS ``index_factory`` strings. ``auto`` picks exact ``Flat`` up to
   50k vectors, ``IVF<nlist>,Flat`` up to 2M, and above that ``OPQ<m>_<4m>,IVF<nlist>,PQ<m>x4fsr,Refine(SQ8)``
   (compressed fast-scan codes, candidates re-ranked from 8-bit scalar codes). From ``LARGE_NLIST`` lists on
@@ -70,6 +74,7 @@ CURRENT = "CURRENT"
 MANIFEST = "manifest.json"
 _GEN_RE = re.compile(r"^gen-(\d{8})$")
 _FILES = ("index.faiss", "vectors.npy", "norms.npy", "vec_role.npy", "prototypes.npy", "roles.json")
+_AUX_FILE = "aux.npy"  # only in databases with auxiliary features (aux_dim > 0)
 FLAT_MAX = 50_000
 IVF_FLAT_MAX = 2_000_000
 LARGE_NLIST = 8192  # from here on: HNSW coarse quantizer and two-level k-means
@@ -454,12 +459,15 @@ class FeatureDB:
     """Roles, their normalised exemplar embeddings and prototypes, and a FAISS index over the exemplars."""
 
     def __init__(self, dim: int, model_hash: str, *, index_kind: str = "auto", params: SearchParams | None = None,
-                 device: str = "auto", keep_vectors: bool = True):
+                 device: str = "auto", keep_vectors: bool = True, aux_dim: int = 0):
         self.faiss = require_faiss()
         self.keep_vectors = bool(keep_vectors)
         if not isinstance(dim, int) or dim < 1:
             raise OnlineError(f"embedding dimension must be a positive integer, got {dim!r}")
+        if not isinstance(aux_dim, int) or isinstance(aux_dim, bool) or aux_dim < 0:
+            raise OnlineError(f"aux_dim must be an integer >= 0, got {aux_dim!r}")
         self.dim = dim
+        self.aux_dim = aux_dim  # per-vector auxiliary features kept beside the index (0: none), see aux_of()
         self.model_hash = model_hash
         self.index_kind = index_kind
         self.params = params or SearchParams()
@@ -472,6 +480,7 @@ class FeatureDB:
         self._counts = np.zeros(0, np.int64)
         self._vec = np.zeros((0, dim), np.float32)  # capacity buffer; rows [0, _n) are used
         self._norm = np.zeros(0, np.float32)
+        self._aux = np.zeros((0, aux_dim), np.float32)
         self._role_of = np.zeros(0, np.int32)
         self._n = 0
         self._tombstones = 0  # removed vectors still inside the index (kinds without remove_ids)
@@ -516,6 +525,14 @@ class FeatureDB:
         with self._search_lock():  # reconstruction reads the index: like a search
             rows = np.nonzero(self._role_of[: self._n] == role)[0]
             return self._rows(rows), self._norm[rows]  # both fresh arrays (fancy indexing copies)
+
+    def aux_of(self, role: int) -> np.ndarray:
+        """The auxiliary features (``aux_dim`` wide, as given to :meth:`add`) of a role's exemplars, in the order of
+        :meth:`vectors_of`. A database indexes one embedding; ``aux`` keeps another per exemplar, e.g. the
+        classifier's own input features when the index holds a retrieval descriptor."""
+        with self.lock.read():
+            rows = np.nonzero(self._role_of[: self._n] == role)[0]
+            return self._aux[rows]
 
     def _rows(self, rows: np.ndarray) -> np.ndarray:
         """The normalised vectors of ``rows`` (ids), a new array: kept, or reconstructed from the index
@@ -580,23 +597,29 @@ class FeatureDB:
         norm[: self._n] = self._norm[: self._n]
         role_of = np.full(cap, -1, np.int32)
         role_of[: self._n] = self._role_of[: self._n]
-        self._vec, self._norm, self._role_of = vec, norm, role_of
+        aux = np.zeros((cap if self.aux_dim else 0, self.aux_dim), np.float32)
+        aux[: len(self._aux[: self._n])] = self._aux[: self._n]
+        self._vec, self._norm, self._role_of, self._aux = vec, norm, role_of, aux
 
     def check_name_free(self, name: str) -> None:
         if name in self.role_names():
             raise OnlineError(f"role {name!r} already exists (id {self.role_names().index(name)})")
 
     def add_role(self, name: str, embeddings: np.ndarray | None = None, *, prototype: np.ndarray | None = None,
-                 metadata: dict[str, Any] | None = None) -> int:
-        """A new role (id = the next class id) with raw ``embeddings`` as exemplars, or only a ``prototype``."""
+                 metadata: dict[str, Any] | None = None, aux: np.ndarray | None = None,
+                 name_only: bool = False) -> int:
+        """A new role (id = the next class id) with raw ``embeddings`` as exemplars (and their ``aux`` rows when the
+        database keeps auxiliary features), or only a ``prototype``, or (``name_only``) neither: a role known by
+        name, with a zero prototype, until exemplars are added."""
         self.check_name_free(name)
-        if embeddings is None and prototype is None:
+        if embeddings is None and prototype is None and not name_only:
             raise OnlineError(f"role {name!r}: give exemplar embeddings or a prototype")
-        normed = norms = None
+        normed = norms = aux_rows = None
         if embeddings is not None:
             normed, norms = self._check(embeddings)
             if len(normed) == 0:
                 raise OnlineError(f"role {name!r}: no embeddings")
+            aux_rows = self._check_aux(aux, len(normed))
         proto = None
         if prototype is not None:
             proto = self._check(np.asarray(prototype, np.float32).reshape(1, -1))[0][0]
@@ -608,11 +631,11 @@ class FeatureDB:
             self._prototypes = np.vstack([self._prototypes, np.zeros((1, self.dim), np.float32)])
             self._sums = np.vstack([self._sums, np.zeros((1, self.dim), np.float64)])
             self._counts = np.append(self._counts, 0)
-            self._fixed = np.append(self._fixed, proto is not None and normed is None)
+            self._fixed = np.append(self._fixed, normed is None)
             if proto is not None:
                 self._prototypes[role] = proto
             if normed is not None:
-                self._add_rows(role, normed, norms)
+                self._add_rows(role, normed, norms, aux_rows)
         return role
 
     def _check(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -621,15 +644,33 @@ class FeatureDB:
             raise OnlineError(f"embeddings of shape {tuple(x.shape)} do not fit this database (dimension {self.dim})")
         return normalize(x)
 
-    def add(self, role: int, embeddings: np.ndarray) -> np.ndarray:
-        """Add raw ``embeddings`` as exemplars of ``role``; returns their vector ids."""
+    def _check_aux(self, aux: np.ndarray | None, n: int) -> np.ndarray | None:
+        if not self.aux_dim:
+            if aux is not None:
+                raise OnlineError("this database keeps no auxiliary features (aux_dim 0): give no aux")
+            return None
+        if aux is None:
+            raise OnlineError(f"this database keeps {self.aux_dim}-d auxiliary features per exemplar: give aux")
+        a = np.ascontiguousarray(aux, dtype=np.float32)
+        if a.shape != (n, self.aux_dim):
+            raise OnlineError(f"aux of shape {tuple(a.shape)} does not fit {n} embeddings (expected "
+                              f"({n}, {self.aux_dim}))")
+        if not np.isfinite(a).all():
+            raise OnlineError("aux holds NaN or Infinity")
+        return a
+
+    def add(self, role: int, embeddings: np.ndarray, aux: np.ndarray | None = None) -> np.ndarray:
+        """Add raw ``embeddings`` as exemplars of ``role`` (with their ``aux`` rows when the database keeps
+        auxiliary features); returns their vector ids."""
         normed, norms = self._check(embeddings)
+        aux_rows = self._check_aux(aux, len(normed))
         with self.lock.write():
             if not 0 <= role < len(self.roles):
                 raise OnlineError(f"unknown role id {role} (the database has {len(self.roles)} roles)")
-            return self._add_rows(role, normed, norms)
+            return self._add_rows(role, normed, norms, aux_rows)
 
-    def _add_rows(self, role: int, normed: np.ndarray, norms: np.ndarray) -> np.ndarray:
+    def _add_rows(self, role: int, normed: np.ndarray, norms: np.ndarray,
+                  aux: np.ndarray | None = None) -> np.ndarray:
         n = len(normed)
         self._grow(n)
         ids = np.arange(self._n, self._n + n, dtype=np.int64)
@@ -640,6 +681,8 @@ class FeatureDB:
         if self.keep_vectors:
             self._vec[self._n: self._n + n] = normed
         self._norm[self._n: self._n + n] = norms
+        if self.aux_dim:
+            self._aux[self._n: self._n + n] = aux
         self._role_of[self._n: self._n + n] = role
         self._n += n
         self._sums[role] += normed.sum(axis=0, dtype=np.float64)
@@ -806,6 +849,10 @@ class FeatureDB:
         _write_npy(folder / "norms.npy", self._norm[:n])
         _write_npy(folder / "vec_role.npy", self._role_of[:n])
         _write_npy(folder / "prototypes.npy", self._prototypes)
+        files = list(_FILES)
+        if self.aux_dim:
+            _write_npy(folder / _AUX_FILE, self._aux[:n])
+            files.append(_AUX_FILE)
         roles = [{**r, "fixed_prototype": bool(f)} for r, f in zip(self.roles, self._fixed)]
         _write_text(folder / "roles.json", json.dumps(roles, ensure_ascii=False, indent=1) + "\n")
         from animeai import __version__
@@ -814,13 +861,13 @@ class FeatureDB:
             "format": FORMAT, "format_version": FORMAT_VERSION, "dim": self.dim, "model_hash": self.model_hash,
             "metric": "inner_product", "index_kind": self.index_kind, "index_spec": self.index_spec,
             "num_roles": len(self.roles), "num_rows": n, "num_vectors": self.num_vectors,
-            "keep_vectors": self.keep_vectors,
+            "keep_vectors": self.keep_vectors, "aux_dim": self.aux_dim,
             "tombstones": self._tombstones, "index_ntotal": int(self._index.ntotal),
             "search_params": {"nprobe": self.params.nprobe, "ef_search": self.params.ef_search,
                               "k_factor": self.params.k_factor},
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "library_version": __version__,
             "files": {name: {"size": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
-                      for name in _FILES},
+                      for name in files},
         }
         _write_text(folder / MANIFEST, json.dumps(manifest, ensure_ascii=False, indent=1) + "\n")
 
@@ -851,7 +898,10 @@ class FeatureDB:
             raise FeatureDBError(f"{mpath}: built by another model (model hash {manifest['model_hash'][:12]}..., "
                                  f"this model's is {expect_model_hash[:12]}...): its embeddings do not match; "
                                  "rebuild it with animeai enroll")
-        for name in _FILES:
+        aux_dim = manifest.get("aux_dim", 0)  # absent: a database from before auxiliary features
+        if not isinstance(aux_dim, int) or isinstance(aux_dim, bool) or aux_dim < 0:
+            raise FeatureDBError(f"{mpath}: damaged manifest: field 'aux_dim' is not an integer >= 0")
+        for name in (*_FILES, _AUX_FILE) if aux_dim else _FILES:
             f = folder / name
             info = manifest["files"].get(name)
             if not f.is_file():
@@ -868,11 +918,12 @@ class FeatureDB:
         if not isinstance(keep, bool):
             raise FeatureDBError(f"{mpath}: damaged manifest: field 'keep_vectors' is not true/false")
         db = cls(dim, manifest["model_hash"], index_kind=manifest["index_kind"], params=params, device=device,
-                 keep_vectors=keep)
+                 keep_vectors=keep, aux_dim=aux_dim)
         n = manifest["num_rows"]
         vec = _read_npy(folder / "vectors.npy", np.float32, (n if keep else 0, dim))
         norm = _read_npy(folder / "norms.npy", np.float32, (n,))
         role_of = _read_npy(folder / "vec_role.npy", np.int32, (n,))
+        aux = _read_npy(folder / _AUX_FILE, np.float32, (n, aux_dim)) if aux_dim else np.zeros((0, 0), np.float32)
         protos = _read_npy(folder / "prototypes.npy", np.float32, (manifest["num_roles"], dim))
         try:
             roles = json.loads((folder / "roles.json").read_text(encoding="utf-8"))
@@ -899,7 +950,7 @@ class FeatureDB:
             raise FeatureDBError(f"{ipath}: holds {index.ntotal} vectors, the database expects {expected}")
         db.roles = [{k: v for k, v in r.items() if k != "fixed_prototype"} for r in roles]
         db._fixed = np.array([bool(r.get("fixed_prototype", False)) for r in roles], bool)
-        db._vec, db._norm, db._role_of, db._n = vec, norm, role_of, n
+        db._vec, db._norm, db._role_of, db._aux, db._n = vec, norm, role_of, aux, n
         db._prototypes = protos
         db._counts = np.bincount(role_of[role_of >= 0], minlength=len(roles)).astype(np.int64)
         db._sums = np.zeros((len(roles), dim), np.float64)

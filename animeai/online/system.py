@@ -7,8 +7,12 @@ new_id = ol.add_new_role("新角色", ["path/to/image1.jpg", "path/to/image2.jpg
 ol.save_model("models/updated_model.pth")
 ```
 
-* **Embeddings** are the classifier's penultimate features (pooled backbone output, :meth:`Classifier.embed`); the
-  database stores them L2-normalised (cosine) with their norms, so raw features can be replayed without decoding.
+* **Embeddings** (:mod:`animeai.online.embedding`). The classifier head reads the penultimate features (pooled
+  backbone output, :meth:`Classifier.embed`). The database indexes, with ``embedding="multiscale"`` (the default
+  for a new database), a retrieval descriptor of the last stages (GeM-pooled, square-rooted, L2-normalised) and
+  keeps each exemplar's penultimate features beside it (``aux``); with ``embedding="penultimate"`` it indexes the
+  penultimate features themselves, L2-normalised with their norms. Either way raw features can be replayed without
+  decoding. An existing database is opened with the embedding it was built with (its model hash says which).
 * **A new role** gets the next class id. Its classifier row is imprinted (Qi et al. 2018) from the role's mean
   embedding, centred: direction ``u = normalize(m_new - m_bar)`` with ``m_bar`` the mean of the per-role mean
   features in the database (pooled features are all positive, so an uncentred row would out-score the trained rows
@@ -17,16 +21,23 @@ ol.save_model("models/updated_model.pth")
   32 stored exemplars of every other role, each role weighted equally. Without stored exemplars, ``s`` is the
   median norm of the trained rows and ``b`` their mean bias (centred). No backbone weight changes.
 * **identify** combines two probability vectors over the roles: the classifier's softmax ``p_clf`` and database
-  evidence ``p_db = softmax(sim / T)`` where ``sim[r]`` is the best of the role's prototype cosine and its nearest
-  exemplar's cosine among the ``knn`` (default 20) retrieved from the FAISS index. ``knn=0`` uses the prototypes
-  alone: the best of 150 exemplars out-scores the best of 5 whatever the image, which favours trained roles over
-  ones just added (holo20, 5 roles added from 5 images: new-role top-1 0.670 with knn=0 vs 0.635 with knn=20;
-  old roles 0.955 vs 0.962). The result is ``w * p_clf + (1 - w) * p_db``: defaults
-  ``w = 0.25``, ``T = 0.02``, chosen on a separate synthetic set (8 characters, 3 added: top-1 0.85 combined vs
-  0.81 classifier, 0.79 database). Roles
-  without exemplars (a database built from the classifier's weight rows) have no comparable similarity: their
-  database probability is the classifier's, and the database only redistributes, among roles with exemplars,
-  the classifier's mass on them.
+  evidence ``p_db = softmax(sim / T)``. ``sim[r]`` is the role's prototype cosine, blended with its nearest
+  exemplar's cosine among the ``knn`` (default 20) retrieved from the FAISS index:
+  ``sim = (1 - a) * prototype + a * max(prototype, nearest)``. The prototype is fair to roles with few exemplars
+  (the best of 150 exemplars out-scores the best of 5 whatever the image); the nearest exemplar catches roles
+  with several looks. ``knn=0`` or ``a = 0`` uses the prototypes alone. The result is
+  ``w * p_clf + (1 - w) * p_db``. Defaults per embedding (``SCORE_DEFAULTS``):
+
+  - ``multiscale``: ``w = 0.1``, ``T = 0.01``, ``a = 0.5``, chosen on holo20 with one held-out split (15
+    characters trained, biboo/fauna/ina/mococo/sana added from 5 images, 3 draws of the shots) as the most
+    new-role accuracy that keeps the old roles within 2 points, then checked on a second split (bae/erb/gura/
+    kronii/raora); the numbers of both are in the README;
+  - ``penultimate``: ``w = 0.25``, ``T = 0.02``, ``a = 1`` (the best of prototype and nearest exemplar), chosen
+    on a synthetic set (8 characters, 3 added: top-1 0.85 combined vs 0.81 classifier, 0.79 database).
+
+  Roles without exemplars (a database built from the classifier's classes alone) have no comparable similarity:
+  their database probability is the classifier's, and the database only redistributes, among roles with
+  exemplars, the classifier's mass on them.
 * **Persistence**: every change is saved to ``feature_db_path`` at once (``autosave``, atomic; see
   :mod:`animeai.online.feature_db`). The model file is written only by :meth:`save_model`. A system opened on a
   model whose classes are a prefix of the database's roles (roles added, model not saved) imprints the extra roles
@@ -57,10 +68,16 @@ from animeai.data.images import ImageError, load_image
 from animeai.data.remote import is_url
 from animeai.inference import Classifier
 from animeai.models import get_model_spec
+from animeai.online.embedding import DEFAULT_EMBEDDING, EMBEDDINGS, Embedder
 from animeai.online.errors import FeatureDBError, OnlineError
-from animeai.online.feature_db import FeatureDB, RWLock, is_database, is_empty_location
+from animeai.online.feature_db import FeatureDB, RWLock, is_database, is_empty_location, read_current_manifest
 
 MAX_NAME_LENGTH = 200
+# identify's combination per embedding (see the module docstring for how each was chosen)
+SCORE_DEFAULTS = {
+    "multiscale": {"classifier_weight": 0.1, "temperature": 0.01, "nearest_weight": 0.5},
+    "penultimate": {"classifier_weight": 0.25, "temperature": 0.02, "nearest_weight": 1.0},
+}
 
 
 def check_role_name(name: Any) -> str:
@@ -97,18 +114,20 @@ class OnlineLearningSystem:
     """A classifier that learns new roles online, backed by a FAISS role database (see the module docstring)."""
 
     def __init__(self, model_path: str | Path, feature_db_path: str | Path, data_root: str | Path | None = None, *,
-                 device: str | None = "auto", index_kind: str = "auto", classifier_weight: float = 0.25,
-                 temperature: float = 0.02, knn: int = 20, autosave: bool = True, db_device: str = "cpu",
-                 keep_vectors: bool = True):
-        if not 0.0 <= classifier_weight <= 1.0:
-            raise OnlineError(f"classifier_weight must be in [0, 1], got {classifier_weight}")
-        if not temperature > 0:
+                 device: str | None = "auto", index_kind: str = "auto", classifier_weight: float | None = None,
+                 temperature: float | None = None, knn: int = 20, nearest_weight: float | None = None,
+                 autosave: bool = True, db_device: str = "cpu", keep_vectors: bool = True,
+                 embedding: str | None = None):
+        for name, value in (("classifier_weight", classifier_weight), ("nearest_weight", nearest_weight)):
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise OnlineError(f"{name} must be in [0, 1], got {value}")
+        if temperature is not None and not temperature > 0:
             raise OnlineError(f"temperature must be > 0, got {temperature}")
         if not isinstance(knn, int) or isinstance(knn, bool) or knn < 0:
             raise OnlineError(f"knn must be an integer >= 0 (0 = prototypes only), got {knn!r}")
         self.model_path = Path(model_path)
         self.db_path = Path(feature_db_path)
-        self.classifier_weight, self.temperature, self.knn = classifier_weight, temperature, knn
+        self.knn = knn
         self.autosave = autosave
         self.notes: list[str] = []  # what opening did (database built from ..., roles re-imprinted, ...)
         self.last_skipped: list[ImageError] = []
@@ -123,13 +142,28 @@ class OnlineLearningSystem:
         head = getattr(self.clf.model, self._head_name, None)
         if not isinstance(head, nn.Linear):
             raise OnlineError(f"{self.model_path}: the classifier head of {self.clf.meta['arch']} is not linear")
-        self.dim = self.clf.feature_dim
-        self.model_hash = backbone_hash(self.clf.model, self.clf.meta, self._head_name)
+        if embedding is not None and embedding not in EMBEDDINGS:
+            raise OnlineError(f"embedding {embedding!r}: use one of {', '.join(EMBEDDINGS)}")
+        self.backbone_hash = backbone_hash(self.clf.model, self.clf.meta, self._head_name)
+        existing = self._database_embedding()
+        if embedding is not None and existing not in (None, embedding):
+            raise OnlineError(f"{self.db_path}: this database was built with embedding {existing!r}, not {embedding!r}; "
+                              f"open it with embedding={existing!r} (or leave it out), or build a new one in another "
+                              "folder")
+        embedding = embedding or existing or DEFAULT_EMBEDDING  # an existing database's own, else the default
+        self.embedder = Embedder(self.clf, embedding)
+        self.embedding = embedding
+        defaults = SCORE_DEFAULTS[embedding]  # the combination's defaults depend on what the database holds
+        self.classifier_weight = defaults["classifier_weight"] if classifier_weight is None else classifier_weight
+        self.temperature = defaults["temperature"] if temperature is None else temperature
+        self.nearest_weight = defaults["nearest_weight"] if nearest_weight is None else nearest_weight
+        self.dim = self.embedder.dim  # raw features: head features, then (multiscale) the database descriptor
+        self.model_hash = self._hash_for(embedding)
         self._head_kind = ["trained"] * len(self.clf.class_names)  # "trained" | "imprinted" per class
         self._history: list[dict[str, Any]] = []
         if is_database(self.db_path):
-            self.db = FeatureDB.load(self.db_path, expect_dim=self.dim, expect_model_hash=self.model_hash,
-                                     device=db_device)
+            self.db = FeatureDB.load(self.db_path, expect_dim=self.embedder.db_dim,
+                                     expect_model_hash=self.model_hash, device=db_device)
             self._reconcile()
         elif is_empty_location(self.db_path):
             self.db = self._build_db(data_root, index_kind, db_device, keep_vectors)
@@ -145,6 +179,56 @@ class OnlineLearningSystem:
     def head(self) -> nn.Linear:
         return getattr(self.clf.model, self._head_name)
 
+    def _hash_for(self, embedding: str) -> str:
+        """The database identity: the backbone's hash, and for any embedding but ``penultimate`` its recipe (the
+        penultimate hash is the backbone's alone, as before embeddings had names)."""
+        if embedding == "penultimate":
+            return self.backbone_hash
+        return hashlib.sha256(f"{self.backbone_hash}|{embedding}".encode()).hexdigest()
+
+    def _database_embedding(self) -> str | None:
+        """The embedding the database at ``feature_db_path`` was built with (by its model hash), if one fits."""
+        if not is_database(self.db_path):
+            return None
+        try:
+            _, _, manifest = read_current_manifest(self.db_path, "feature database")
+        except FeatureDBError:
+            return None  # FeatureDB.load reports it
+        found = [e for e in EMBEDDINGS if isinstance(manifest, dict) and manifest.get("model_hash") == self._hash_for(e)]
+        return found[0] if found else None
+
+    def _new_db(self, **kwargs: Any) -> FeatureDB:
+        aux = self.embedder.head_dim if self.embedder.kind != "penultimate" else 0
+        return FeatureDB(self.embedder.db_dim, self.model_hash, aux_dim=aux, **kwargs)
+
+    def _db_rows(self, feats: np.ndarray) -> dict[str, Any]:
+        """``add``/``add_role`` arguments for raw features: the database embedding, and the head features as aux."""
+        head, emb = self.embedder.split(feats)
+        return {"embeddings": emb, "aux": head if self.db.aux_dim else None}
+
+    def _head_feats_of(self, role: int, db: FeatureDB | None = None) -> np.ndarray:
+        """Raw head features of a role's stored exemplars."""
+        db = db or self.db
+        if db.aux_dim:
+            return db.aux_of(role)
+        v, n = db.vectors_of(role)
+        return v * n[:, None]
+
+    def _stored_feats_of(self, role: int, db: FeatureDB) -> np.ndarray:
+        """Raw features (as :meth:`embed` gives them) of a role's stored exemplars."""
+        if not db.aux_dim:
+            return self._head_feats_of(role, db)
+        v, n = db.vectors_of(role)
+        return np.concatenate([db.aux_of(role), v * n[:, None]], axis=1)
+
+    def _add_placeholder(self, db: FeatureDB, name: str, row: int, meta: dict[str, Any]) -> None:
+        """A model class with no exemplars: its classifier weight row as prototype where the database embedding is
+        the head's input, else a role known by name only (its database evidence is the classifier's anyway)."""
+        if db.aux_dim:
+            db.add_role(name, name_only=True, metadata=meta)
+        else:
+            db.add_role(name, prototype=self.head.weight.detach().float().cpu().numpy()[row], metadata=meta)
+
     def _reconcile(self) -> None:
         """The database's roles must be the model's classes, or extend them (roles added, model not saved)."""
         classes, roles = self.clf.class_names, self.db.role_names()
@@ -155,11 +239,11 @@ class OnlineLearningSystem:
                 "it with animeai enroll")
         for name in roles[len(classes):]:
             role = len(self.clf.class_names)
-            vectors, norms = self.db.vectors_of(role)
-            if len(vectors) == 0:
+            feats = self._head_feats_of(role)
+            if len(feats) == 0:
                 raise FeatureDBError(f"{self.db_path}: role {name!r} is not in the model and has no exemplars to "
                                      "imprint it from")
-            w, b = self._imprint(vectors * norms[:, None])
+            w, b = self._imprint(feats)
             self._set_head(*self._extended(w, b))
             self.clf.class_names.append(name)
             self._head_kind.append("imprinted")
@@ -167,13 +251,13 @@ class OnlineLearningSystem:
 
     def _build_db(self, data_root: str | Path | None, index_kind: str, db_device: str,
                   keep_vectors: bool) -> FeatureDB:
-        db = FeatureDB(self.dim, self.model_hash, index_kind=index_kind, device=db_device, keep_vectors=keep_vectors)
+        db = self._new_db(index_kind=index_kind, device=db_device, keep_vectors=keep_vectors)
         if data_root is None:
-            w = self.head.weight.detach().float().cpu().numpy()
-            for name, row in zip(self.clf.class_names, w):
-                db.add_role(name, prototype=row, metadata={"source": "classifier_weights"})
-            self.notes.append(f"built the database from the classifier's {len(w)} weight rows as prototypes (no "
-                              "exemplars: give data_root or run animeai enroll for nearest-neighbour evidence)")
+            for i, name in enumerate(self.clf.class_names):
+                self._add_placeholder(db, name, i, {"source": "classifier_weights"})
+            self.notes.append(f"built the database from the classifier's {len(self.clf.class_names)} classes, without "
+                              "exemplars (the classifier's weight rows as prototypes where the database embedding is "
+                              "the head's input): give data_root or run animeai enroll for nearest-neighbour evidence")
             return db
         return self._db_from_folder(data_root, db)
 
@@ -198,13 +282,13 @@ class OnlineLearningSystem:
         by_class: dict[str, list[Path]] = {}
         for path, y in scan.samples:
             by_class.setdefault(unicodedata.normalize("NFC", scan.class_names[y]), []).append(path)
-        w = self.head.weight.detach().float().cpu().numpy()
         for i, name in enumerate(self.clf.class_names):
             paths = by_class.get(unicodedata.normalize("NFC", name))
             if paths:
-                db.add_role(name, self._embed(paths), metadata={"source": f"folder:{root}"})
+                head, emb = self.embedder.split(self._embed(paths))
+                db.add_role(name, emb, aux=head if db.aux_dim else None, metadata={"source": f"folder:{root}"})
             else:
-                db.add_role(name, prototype=w[i], metadata={"source": "classifier_weights"})
+                self._add_placeholder(db, name, i, {"source": "classifier_weights"})
         db.rebuild()
         self.notes.append(f"built the database from {root}: {len(scan.samples)} images of {len(by_class)} classes"
                           + (f", {len(scan.errors)} unreadable file(s) skipped" if scan.errors else ""))
@@ -218,15 +302,17 @@ class OnlineLearningSystem:
         with self._mutex:
             keep = self.db.keep_vectors if keep_vectors is None else keep_vectors
             like = {"index_kind": self.db.index_kind, "device": self.db.device, "keep_vectors": keep}
-            fresh = FeatureDB(self.dim, self.model_hash, **like)
-            fresh = self._db_from_folder(data_root, fresh, skip_bad=skip_bad)
-            merged = FeatureDB(self.dim, self.model_hash, **like)
+            fresh = self._db_from_folder(data_root, self._new_db(**like), skip_bad=skip_bad)
+            merged = self._new_db(**like)
             for i, name in enumerate(self.clf.class_names):
                 src = fresh if fresh.roles[i].get("source") != "classifier_weights" else self.db
                 meta = {k: v for k, v in src.roles[i].items() if k != "name"}
                 vectors, norms = src.vectors_of(i)
                 if len(vectors):
-                    merged.add_role(name, vectors * norms[:, None], metadata=meta)
+                    merged.add_role(name, vectors * norms[:, None], aux=src.aux_of(i) if src.aux_dim else None,
+                                    metadata=meta)
+                elif src.aux_dim:
+                    merged.add_role(name, name_only=True, metadata=meta)
                 else:
                     merged.add_role(name, prototype=src.prototypes()[i], metadata=meta)
             merged.rebuild()
@@ -280,35 +366,40 @@ class OnlineLearningSystem:
         return out, keep
 
     def _embed_images(self, images: list[Image.Image], batch_size: int = 32) -> np.ndarray:
-        chunks = []
+        """Raw features ``(n, dim)``: head features, then (multiscale) the database descriptor."""
+        chunks = [np.zeros((0, self.dim), np.float32)]
         for s in range(0, len(images), batch_size):
-            batch = torch.stack([self.clf.transform(im) for im in images[s: s + batch_size]])
-            chunks.append(self.clf.embed(batch))
-        return torch.cat(chunks).numpy()
+            chunks.append(self.embedder(torch.stack([self.clf.transform(im) for im in images[s: s + batch_size]])))
+        return np.concatenate(chunks)
 
-    def _embed(self, paths: Sequence[Path]) -> np.ndarray:
-        return self.clf.embed_paths(list(paths)).numpy()
+    def _embed(self, paths: Sequence[Path], batch_size: int = 32) -> np.ndarray:
+        """Raw features of image files, decoded a batch at a time (an unreadable file raises ``ImageError``)."""
+        chunks = [np.zeros((0, self.dim), np.float32)]
+        for s in range(0, len(paths), batch_size):
+            chunks.append(self._embed_images([load_image(p, draft_size=self.clf.image_size)
+                                              for p in paths[s: s + batch_size]], batch_size))
+        return np.concatenate(chunks)
 
     def _feature_mean(self) -> np.ndarray:
-        """Mean of the per-role mean raw features over roles with exemplars (zeros if there are none)."""
+        """Mean of the per-role mean raw head features over roles with exemplars (zeros if there are none)."""
         means = []
         for r in range(min(self.db.num_roles, self.head.out_features)):
-            v, n = self.db.vectors_of(r)
-            if len(v):
-                means.append((v * n[:, None]).mean(axis=0))
-        return np.mean(means, axis=0) if means else np.zeros(self.dim, np.float32)
+            f = self._head_feats_of(r)
+            if len(f):
+                means.append(f.mean(axis=0))
+        return np.mean(means, axis=0) if means else np.zeros(self.embedder.head_dim, np.float32)
 
     def _replay(self, per_role: int, seed: int = 0, exclude: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Up to ``per_role`` stored exemplars of every role (raw features from the database) and their role ids."""
         rng = np.random.default_rng(seed)
-        xs, ys = [np.zeros((0, self.dim), np.float32)], [np.zeros(0, np.int64)]
+        xs, ys = [np.zeros((0, self.embedder.head_dim), np.float32)], [np.zeros(0, np.int64)]
         for r in range(min(self.db.num_roles, self.head.out_features)):  # roles with a classifier row
             if r == exclude:
                 continue
-            v, n = self.db.vectors_of(r)
-            if len(v):
-                pick = np.sort(rng.choice(len(v), min(per_role, len(v)), replace=False))
-                xs.append(v[pick] * n[pick, None])
+            f = self._head_feats_of(r)
+            if len(f):
+                pick = np.sort(rng.choice(len(f), min(per_role, len(f)), replace=False))
+                xs.append(f[pick])
                 ys.append(np.full(len(pick), r))
         return np.concatenate(xs), np.concatenate(ys)
 
@@ -382,8 +473,8 @@ class OnlineLearningSystem:
                 self.clf.model.num_classes = len(old_names)
                 self.clf.class_names[:] = old_names
                 self._head_kind[:] = old_kind
-                self.db = FeatureDB.load(self.db_path, expect_dim=self.dim, expect_model_hash=self.model_hash,
-                                         device=self.db.device)
+                self.db = FeatureDB.load(self.db_path, expect_dim=self.embedder.db_dim,
+                                         expect_model_hash=self.model_hash, device=self.db.device)
             raise
 
     def _snapshot(self) -> tuple[nn.Module, list[str], list[str]]:
@@ -407,11 +498,11 @@ class OnlineLearningSystem:
                 raise OnlineError(f"role {name!r} already exists (id {self._nfc_names().index(name)})")
             images, _ = self._decode(image_paths, skip_bad, f"add_new_role({name!r})")
             feats = self._embed_images(images)
-            w, b = self._imprint(feats)
+            w, b = self._imprint(self.embedder.split(feats)[0])
             weight, bias = self._extended(w, b)
             old = self._snapshot()
             with self._rw.write():
-                new_id = self.db.add_role(name, feats, metadata={"source": "add_new_role"})
+                new_id = self.db.add_role(name, **self._db_rows(feats), metadata={"source": "add_new_role"})
                 self._set_head(weight, bias)
                 self.clf.class_names.append(name)
                 self._head_kind.append("imprinted")
@@ -426,16 +517,16 @@ class OnlineLearningSystem:
             rid = self._role_id(role)
             images, _ = self._decode(paths, skip_bad, f"add_images({role!r})")
             feats = self._embed_images(images)
-            vec, nrm = self.db.vectors_of(rid)
             new_head = None
             if self._head_kind[rid] == "imprinted":
-                w, b = self._imprint(np.concatenate([vec * nrm[:, None], feats]), exclude=rid)
+                head_feats = self.embedder.split(feats)[0]
+                w, b = self._imprint(np.concatenate([self._head_feats_of(rid), head_feats]), exclude=rid)
                 weight, bias = self.head.weight.detach().cpu().clone(), self.head.bias.detach().cpu().clone()
                 weight[rid], bias[rid] = w, b
                 new_head = (weight, bias)
             old = self._snapshot()
             with self._rw.write():
-                self.db.add(rid, feats)
+                self.db.add(rid, **self._db_rows(feats))
                 if new_head:
                     self._set_head(*new_head)
             self._save_db_or_rollback(*old)
@@ -476,7 +567,7 @@ class OnlineLearningSystem:
             feats = self._embed_images(images)
             x_old, y_old = self._replay(replay_per_role, seed)
             replayed = len(x_old)
-            x = torch.from_numpy(np.concatenate([feats, x_old])).float()
+            x = torch.from_numpy(np.concatenate([self.embedder.split(feats)[0], x_old])).float()
             y = torch.from_numpy(np.concatenate([np.asarray(ids), y_old])).long()
             w0, b0 = self.head.weight.detach().cpu().float(), self.head.bias.detach().cpu().float()
             w, b = w0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
@@ -496,7 +587,7 @@ class OnlineLearningSystem:
             old = self._snapshot()
             with self._rw.write():
                 for r in sorted(set(ids)):
-                    self.db.add(r, feats[np.asarray(ids) == r])
+                    self.db.add(r, **self._db_rows(feats[np.asarray(ids) == r]))
                     self._head_kind[r] = "trained"
                 self._set_head(w.detach(), b.detach())
             self._save_db_or_rollback(*old)
@@ -531,15 +622,18 @@ class OnlineLearningSystem:
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(combined, classifier, database) probabilities ``(n, roles)`` for raw features (see the module docstring)."""
         w = self.classifier_weight if classifier_weight is None else classifier_weight
-        x = torch.from_numpy(np.ascontiguousarray(feats)).float().to(self.clf.device)
+        head_feats, emb = self.embedder.split(feats)
+        x = torch.from_numpy(np.ascontiguousarray(head_feats)).float().to(self.clf.device)
         p_clf = torch.softmax(self.head(x.to(self.head.weight.dtype)).float(), dim=1).cpu().numpy()
-        sim = self.db.prototype_scores(feats)
-        if self.knn > 0:
-            nn_s, nn_r = self.db.search(feats, min(self.knn, max(self.db.num_vectors, 1)))
+        sim = self.db.prototype_scores(emb)
+        if self.knn > 0 and self.nearest_weight > 0:
+            best = sim.copy()  # per role: the best of its prototype and its retrieved exemplars
+            nn_s, nn_r = self.db.search(emb, min(self.knn, max(self.db.num_vectors, 1)))
             for i in range(len(feats)):
                 for s, r in zip(nn_s[i], nn_r[i]):
-                    if r >= 0 and s > sim[i, r]:
-                        sim[i, r] = s
+                    if r >= 0 and s > best[i, r]:
+                        best[i, r] = s
+            sim = (1 - self.nearest_weight) * sim + self.nearest_weight * best
         has = np.asarray(self.db.role_counts()) > 0
         p_db = p_clf.copy()
         if has.any():
@@ -580,7 +674,8 @@ class OnlineLearningSystem:
         return out
 
     def embed(self, images: Sequence[str | Path | Image.Image]) -> np.ndarray:
-        """Raw penultimate features of images (an unreadable one is an error naming it)."""
+        """Raw features of images, ``(n, dim)``: the head's input features, then (``multiscale``) the database
+        descriptor (see :mod:`animeai.online.embedding`). An unreadable image is an error naming it."""
         decoded, _ = self._decode(images, False, "embed")
         return self._embed_images(decoded)
 
@@ -593,6 +688,7 @@ class OnlineLearningSystem:
             meta.update(kind="classifier", class_names=list(self.clf.class_names),
                         num_classes=len(self.clf.class_names))
             meta["online"] = {"base_model": str(self.model_path), "model_hash": self.model_hash,
+                              "embedding": self.embedding,
                               "feature_db": str(self.db_path), "history": list(self._history),
                               "imprinted": [n for n, k in zip(self.clf.class_names, self._head_kind)
                                             if k == "imprinted"]}

@@ -2,8 +2,11 @@
 ``bench_online_holo20.py`` embeds holo20 train and val once; then nearest-prototype top-1 over all 20 roles (old
 roles: every train image; new roles: ``--shots`` random train images, ``--draws`` draws) for several embeddings:
 
-* the penultimate features (what ``OnlineLearningSystem`` stores), with and without a horizontally flipped copy of
-  each exemplar, and centred on the old roles' mean before normalising (SimpleShot's CL2N);
+* the penultimate features (what the classifier head reads, and what ``OnlineLearningSystem`` indexes with
+  ``embedding="penultimate"``), with and without a horizontally flipped copy of each exemplar, and centred on the
+  old roles' mean before normalising (SimpleShot's CL2N);
+* the final feature map GeM-pooled (p = 3), then also square-rooted, and the system's default ``multiscale``
+  descriptor (:mod:`animeai.online.embedding`: final map and last two stages, mirror-averaged);
 * the mean-pooled outputs of the backbone's last stages, concatenated (each L2-normalised);
 * the same backbone with its ImageNet weights and no fine-tuning (``--imagenet``);
 * more shots (10, 20) of the penultimate features.
@@ -56,22 +59,30 @@ def embed_all(model_path, paths, stages, flip=False):
     from animeai.data.images import load_image
     from animeai.inference import Classifier
 
+    from animeai.online.embedding import Embedder, gem
+
     clf = Classifier.from_file(model_path, device="cpu")
+    multiscale = Embedder(clf, "multiscale")
     caps: dict[int, torch.Tensor] = {}
     hooks = [clf.model.blocks[i].register_forward_hook(
         lambda m, inp, out, i=i: caps.__setitem__(i, out.float().mean((2, 3)))) for i in stages]
-    pen, st = [], {i: [] for i in stages}
+    pen, st, gems, descs = [], {i: [] for i in stages}, [], []
     for s in range(0, len(paths), 64):
         ims = [load_image(p, draft_size=clf.image_size) for p in paths[s: s + 64]]
         if flip:
             ims = [ImageOps.mirror(im) for im in ims]
+        batch = torch.stack([clf.transform(im) for im in ims])
         with torch.no_grad():
-            pen.append(clf.embed(torch.stack([clf.transform(im) for im in ims])).numpy())
+            pen.append(clf.embed(batch).numpy())
+            gems.append(gem(multiscale._maps(batch)[1][0]).numpy())
+        descs.append(multiscale.split(multiscale(batch))[1])
         for i in stages:
             st[i].append(caps[i].numpy())
     for h in hooks:
         h.remove()
-    return np.concatenate(pen), {i: np.concatenate(v) for i, v in st.items()}
+    st = {i: np.concatenate(v) for i, v in st.items()}
+    st["gem"], st["multiscale"] = np.concatenate(gems), np.concatenate(descs)
+    return np.concatenate(pen), st
 
 
 def prototype_top1(xtr, ytr, xv, yv, new_ids, old_ids, shots, draws, extra=None):
@@ -134,6 +145,13 @@ def main(argv=None) -> int:
         "+ flipped copy of each exemplar": prototype_top1(xtr, ytr, xv, yv, new_ids, old_ids, *k, extra=xflip),
         "centred on the old roles' mean (CL2N)": prototype_top1(xtr - mu, ytr, xv - mu, yv, new_ids, old_ids, *k),
         f"stages {args.stages} pooled, concatenated": prototype_top1(cat_tr, ytr, cat_v, yv, new_ids, old_ids, *k),
+        "final map GeM-pooled (p = 3)": prototype_top1(str_["gem"], ytr, sv["gem"], yv, new_ids, old_ids, *k),
+        "... and square-rooted": prototype_top1(np.sqrt(str_["gem"]), ytr, np.sqrt(sv["gem"]), yv, new_ids, old_ids,
+                                                *k),
+        "multiscale descriptor (the system's default)": prototype_top1(str_["multiscale"], ytr, sv["multiscale"], yv,
+                                                                      new_ids, old_ids, *k),
+        f"multiscale, {2 * args.shots} shots": prototype_top1(str_["multiscale"], ytr, sv["multiscale"], yv, new_ids,
+                                                              old_ids, 2 * args.shots, args.draws),
         f"penultimate, {2 * args.shots} shots": prototype_top1(xtr, ytr, xv, yv, new_ids, old_ids, 2 * args.shots,
                                                                args.draws),
         f"penultimate, {4 * args.shots} shots": prototype_top1(xtr, ytr, xv, yv, new_ids, old_ids, 4 * args.shots,

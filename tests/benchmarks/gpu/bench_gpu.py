@@ -15,6 +15,10 @@ What it measures, each through the project's own code:
                 utilisation is low while ``decode`` is close to ``engine``).
 * ``generator`` the generator task's training step (``engine.train``, 224 px, bf16): images/s, and the total
                 images/s of 1, 2 and 4 generators sharing the GPU (one process each).
+* ``online``    the online system on the device (needs faiss-cpu): embedding images/s of the two database
+                embeddings (``penultimate``; ``multiscale``: last stages GeM-pooled, mirror-averaged, so twice the
+                batch) on device tensors, ``identify`` end to end on JPEG files (decode included), and how far the
+                device's descriptors are from the CPU's for the same images.
 
 Anchor (issue 17): timm's published EfficientNet-B0 training throughput on one A100 with AMP is about 2,500
 images/s; the goal is at least that on one H100. Weights are random (``pretrained=none`` or random weight files):
@@ -44,7 +48,7 @@ import _common  # noqa: E402
 import torch  # noqa: E402
 
 ANCHOR_A100_B0_IMAGES_PER_S = 2500.0
-PARTS = ("model", "decode", "engine", "generator")
+PARTS = ("model", "decode", "engine", "generator", "online")
 
 
 def _device() -> torch.device:
@@ -294,6 +298,58 @@ def bench_generators_sharing(args, root: Path, tmp: Path, k: int, cores: int) ->
     return {"generators": k, "threads_each": threads, "total_images_per_s": sum(rates), "per_generator": rates}
 
 
+def bench_online(root: Path, tmp: Path, batch: int, steps: int, image_size: int) -> dict:
+    """Embedding images/s per database embedding on device tensors, identify on files, device-vs-CPU agreement."""
+    import shutil
+
+    import numpy as np
+
+    from animeai.checkpoint import read_metadata, save_model_file
+    from animeai.inference import Classifier
+    from animeai.online import OnlineLearningSystem
+
+    dev = _device()
+    model = tmp / f"online_{image_size}.pth"
+    if not model.exists():
+        src = Classifier.from_file(tmp / "detector.pth", device="cpu")
+        meta = read_metadata(tmp / "detector.pth") | {"image_size": image_size}
+        save_model_file(model, src.model.state_dict(), meta)
+    enrol = tmp / "online_enrol"
+    if not enrol.exists():  # 20 images of each class for the database
+        for c in sorted(p.name for p in root.iterdir()):
+            (enrol / c).mkdir(parents=True)
+            for f in sorted((root / c).iterdir())[:20]:
+                os.link(f, enrol / c / f.name)
+    files = sorted((root / "class_01").iterdir())[: max(64, 4 * batch)]
+    out: dict = {}
+    x = torch.randn(batch, 3, image_size, image_size, device=dev)
+    for kind in ("penultimate", "multiscale"):
+        db = tmp / f"online_db_{kind}"
+        shutil.rmtree(db, ignore_errors=True)
+        ol = OnlineLearningSystem(model, db, data_root=enrol, device=str(dev), embedding=kind)
+        for _ in range(3):
+            ol.embedder(x)
+        _sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            ol.embedder(x)
+        _sync()
+        emb_rate = batch * steps / (time.perf_counter() - t0)
+        ol.identify(files[:8])
+        t0 = time.perf_counter()
+        answers = ol.identify(files)
+        ident_rate = len(files) / (time.perf_counter() - t0)
+        cpu = OnlineLearningSystem(model, db, device="cpu")
+        a, b = ol.embed(files[:16]), cpu.embed(files[:16])
+        diff = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+        same_top1 = float(np.mean([x[0]["role"] == y[0]["role"] for x, y in zip(answers[:16], cpu.identify(files[:16]))]))
+        out[kind] = {"embed_images_per_s": emb_rate, "identify_images_per_s": ident_rate, "dim": ol.dim,
+                     "max_rel_diff_vs_cpu": diff, "same_top1_as_cpu": same_top1, "batch": batch}
+        print(f"[bench_gpu] online {kind}: embed {emb_rate:.0f} images/s, identify {ident_rate:.0f} images/s, "
+              f"device vs CPU max rel diff {diff:.2e}, same top-1 {same_top1:.2f}", flush=True)
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     _common.add_common_args(p, "bench_gpu")
@@ -384,6 +440,15 @@ def main() -> int:
         for s in sharing:
             add_row([f"{s['generators']} generators sharing the device, total", s["total_images_per_s"],
                          s["total_images_per_s"] / sharing[0]["total_images_per_s"]])
+    if args.only is None or "online" in args.only:
+        r = bench_online(data, tmp, 8 if args.quick else args.batch, steps, size if args.quick else 160)
+        results["online"] = r
+        add_row([f"online embedding penultimate (batch {r['penultimate']['batch']})",
+                 r["penultimate"]["embed_images_per_s"], None])
+        add_row(["online embedding multiscale (x penultimate)", r["multiscale"]["embed_images_per_s"],
+                 r["multiscale"]["embed_images_per_s"] / r["penultimate"]["embed_images_per_s"]])
+        for kind in ("penultimate", "multiscale"):
+            add_row([f"online identify on JPEG files, {kind}", r[kind]["identify_images_per_s"], None])
     _common.print_table(["what", "images/s", "x anchor / x one"], rows,
                         title=f"GPU benchmark on {_device()} (anchor: timm B0 on A100 with AMP, "
                               f"{ANCHOR_A100_B0_IMAGES_PER_S:.0f} images/s)")
