@@ -147,7 +147,8 @@ class OnlineLearningSystem:
         self.backbone_hash = backbone_hash(self.clf.model, self.clf.meta, self._head_name)
         existing = self._database_embedding()
         if embedding is not None and existing not in (None, embedding):
-            raise OnlineError(f"{self.db_path}: this database was built with embedding {existing!r}, not {embedding!r}; "
+            raise OnlineError(f"{self.db_path}: this database was built with embedding {existing!r}, not "
+                              f"{embedding!r}; "
                               f"open it with embedding={existing!r} (or leave it out), or build a new one in another "
                               "folder")
         embedding = embedding or existing or DEFAULT_EMBEDDING  # an existing database's own, else the default
@@ -194,7 +195,9 @@ class OnlineLearningSystem:
             _, _, manifest = read_current_manifest(self.db_path, "feature database")
         except FeatureDBError:
             return None  # FeatureDB.load reports it
-        found = [e for e in EMBEDDINGS if isinstance(manifest, dict) and manifest.get("model_hash") == self._hash_for(e)]
+        if not isinstance(manifest, dict):
+            return None
+        found = [e for e in EMBEDDINGS if manifest.get("model_hash") == self._hash_for(e)]
         return found[0] if found else None
 
     def _new_db(self, **kwargs: Any) -> FeatureDB:

@@ -58,7 +58,6 @@ def embed_all(model_path, paths, stages, flip=False):
 
     from animeai.data.images import load_image
     from animeai.inference import Classifier
-
     from animeai.online.embedding import Embedder, gem
 
     clf = Classifier.from_file(model_path, device="cpu")

@@ -342,7 +342,8 @@ def bench_online(root: Path, tmp: Path, batch: int, steps: int, image_size: int)
         cpu = OnlineLearningSystem(model, db, device="cpu")
         a, b = ol.embed(files[:16]), cpu.embed(files[:16])
         diff = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
-        same_top1 = float(np.mean([x[0]["role"] == y[0]["role"] for x, y in zip(answers[:16], cpu.identify(files[:16]))]))
+        cpu_answers = cpu.identify(files[:16])
+        same_top1 = float(np.mean([x[0]["role"] == y[0]["role"] for x, y in zip(answers[:16], cpu_answers)]))
         out[kind] = {"embed_images_per_s": emb_rate, "identify_images_per_s": ident_rate, "dim": ol.dim,
                      "max_rel_diff_vs_cpu": diff, "same_top1_as_cpu": same_top1, "batch": batch}
         print(f"[bench_gpu] online {kind}: embed {emb_rate:.0f} images/s, identify {ident_rate:.0f} images/s, "
