@@ -706,3 +706,23 @@ def test_database_aux_features(tmp_path):
     np.save(gen / "aux.npy", np.zeros((3, 3), np.float32))  # damaged: a file the manifest did not record
     with pytest.raises(FeatureDBError, match="aux.npy"):
         FeatureDB.load(tmp_path / "db")
+
+
+def test_trained_rows_split_the_trained_roles_share(world, tmp_path):
+    """split_trained (the multiscale default): among trained roles identify ranks as the trained rows' softmax;
+    the database decides how much goes to the roles added online, and ranks those. Without any added role the
+    ranking is the classifier's."""
+    ol = OnlineLearningSystem(world["model"], tmp_path / "db", data_root=world["old_train"])
+    assert ol.split_trained and ol.classifier_weight == 0.0
+    feats = ol.embed([p for c in world["old"] + world["new"] for p in imgs(world, c, "val", 2)])
+    comb, p_clf, p_db = ol.scores(feats)
+    np.testing.assert_allclose(comb, p_clf, rtol=1e-5, atol=1e-7)  # only trained roles: the classifier's ranking
+    ol.add_new_role(world["new"][0], imgs(world, world["new"][0], n=4))
+    comb, p_clf, p_db = ol.scores(feats)
+    trained = slice(0, OLD)
+    np.testing.assert_allclose(comb[:, trained].sum(1), p_db[:, trained].sum(1), rtol=1e-5)  # the database's share
+    within = p_clf[:, trained] / p_clf[:, trained].sum(1, keepdims=True)  # split as the trained rows split it
+    np.testing.assert_allclose(comb[:, trained] / comb[:, trained].sum(1, keepdims=True), within, rtol=1e-4)
+    np.testing.assert_allclose(comb[:, OLD], p_db[:, OLD], rtol=1e-6)  # the added role: the database's evidence
+    plain = OnlineLearningSystem(world["model"], tmp_path / "db", split_trained=False)
+    np.testing.assert_allclose(plain.scores(feats)[0], p_db, rtol=1e-6)  # w = 0 without the split: the database

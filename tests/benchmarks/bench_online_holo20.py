@@ -5,8 +5,9 @@ Reports (issue 13's goals in brackets):
 
 * top-1 on the 5 new roles (>= 80 %) and on the 15 old ones before (the 15-class model alone) and after
   (the system with 20 roles; drop <= 2 points), over all 20 roles;
-* the same top-1 for the classifier alone, the database (nearest neighbours) alone and their combination at
-  several weights: ``identify`` returns both components of every role's score, so one pass scores every weight;
+* the same top-1 for the classifier alone, the database (nearest neighbours) alone and identify's ranking
+  (``OnlineLearningSystem.scores``) at several classifier weights, all from one embedding pass per draw;
+* each over ``--draws`` draws of the shots (default 3), added to the same 15-role system in turn;
 * the time of ``add_new_role`` (decode, embed, insert, extend the classifier, save) after warm-up (< 1 s).
 
 The 15-class detector is trained with the shipped recipe (``animeai/configs/holo20_lite0.yaml``) on a folder of
@@ -58,8 +59,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--new", help="comma list of the characters added online (default: every 4th name from the 3rd)")
     p.add_argument("--shots", type=int, default=5, help="train images per new character (default: 5)")
     p.add_argument("--epochs", type=int, help="detector epochs (default: the recipe's 20)")
-    p.add_argument("--weights", default="0,0.1,0.25,0.5,0.75,1",
-                   help="classifier weights w to score (score = w * classifier + (1 - w) * database)")
+    p.add_argument("--weights", default="0,0.1,0.25,0.5",
+                   help="classifier weights w to score identify's ranking with (see OnlineLearningSystem)")
+    p.add_argument("--temperature", type=float, default=None, help="the database softmax's T (default: the system's)")
+    p.add_argument("--no-split-trained", action="store_true",
+                   help="identify without letting the trained rows split the trained roles' share")
     p.add_argument("--seed", type=int, default=0, help="which train images are the shots (draw i uses seed + i)")
     p.add_argument("--draws", type=int, default=3, help="draws of the shots, averaged (default: 3)")
     p.add_argument("--knn", type=int, default=None,
@@ -119,16 +123,12 @@ def train_detector(args, root: Path, out: Path) -> dict[str, Any]:
             "best_metrics": result.best_metrics, "epochs": cfg.run.epochs}
 
 
-def top1_by_weight(rows: list[tuple[str, list[dict]]], weights: list[float]) -> dict[float, dict[str, float]]:
-    """Top-1 per weight from identify()'s per-role components: {w: {role: correct fraction}}."""
-    out: dict[float, dict[str, float]] = {}
-    for w in weights:
-        hits: dict[str, list[int]] = {}
-        for truth, cands in rows:
-            best = max(cands, key=lambda c: w * c["classifier"] + (1 - w) * c["database"])
-            hits.setdefault(truth, []).append(int(best["role"] == truth))
-        out[w] = {role: sum(h) / len(h) for role, h in hits.items()}
-    return out
+def top1_per_role(scores, truth: list[str], roles: list[str]) -> dict[str, float]:
+    """{role: fraction of its images whose best-scored role is it} for a ``(n, roles)`` score array."""
+    hits: dict[str, list[int]] = {}
+    for t, best in zip(truth, scores.argmax(axis=1)):
+        hits.setdefault(t, []).append(int(roles[best] == t))
+    return {role: sum(h) / len(h) for role, h in hits.items()}
 
 
 def mean_over(per_role: dict[str, float], roles: list[str]) -> float:
@@ -171,7 +171,8 @@ def main(argv=None) -> int:
         shutil.rmtree(db)
     t0 = time.perf_counter()
     system = OnlineLearningSystem(model_path=detector["model"], feature_db_path=db, data_root=root / "train",
-                                  device="cpu", embedding=args.embedding,
+                                  device="cpu", embedding=args.embedding, temperature=args.temperature,
+                                  **({"split_trained": False} if args.no_split_trained else {}),
                                   **({} if args.knn is None else {"knn": args.knn}))
     enroll_s = time.perf_counter() - t0
     system.identify([images_of(data / "val" / old[0])[0]], k=1)  # warm-up: first decode/embed paths
@@ -188,35 +189,37 @@ def main(argv=None) -> int:
             t = time.perf_counter()
             system.add_new_role(n, shots[n])
             add_s.append(time.perf_counter() - t)
-        # After: every val image of the 20 characters, all 20 roles' scores.
-        rows: list[tuple[str, list[dict]]] = []
+        # After: every val image of the 20 characters, all 20 roles' scores (identify ranks by scores()[0]).
+        paths = [p for n in names for p in images_of(data / "val" / n)]
+        truth = [n for n in names for _ in images_of(data / "val" / n)]
         t1 = time.perf_counter()
-        for n in names:
-            paths = images_of(data / "val" / n)
-            for cands in system.identify(paths, k=len(names), skip_bad=True):
-                if cands:
-                    rows.append((n, cands))
+        feats = system.embed(paths)
         identify_s += time.perf_counter() - t1
-        n_rows += len(rows)
-        draws.append(top1_by_weight(rows, weights))
-    by_w = {w: {r: statistics.fmean(d[w][r] for d in draws) for r in draws[0][w]} for w in weights}
+        n_rows += len(paths)
+        roles = list(system.clf.class_names)
+        _, p_clf, p_db = system.scores(feats)
+        draw = {w: top1_per_role(system.scores(feats, classifier_weight=w)[0], truth, roles) for w in weights}
+        draw["database"], draw["classifier"] = top1_per_role(p_db, truth, roles), top1_per_role(p_clf, truth, roles)
+        draws.append(draw)
+    by_w = {w: {r: statistics.fmean(d[w][r] for d in draws) for r in draws[0][w]} for w in draws[0]}
     default_w = system.classifier_weight
 
     table = []
     results: dict[str, Any] = {"detector": detector, "old": old, "new": new, "shots": args.shots, "knn": system.knn,
                                "embedding": system.embedding, "temperature": system.temperature,
-                               "nearest_weight": system.nearest_weight,
+                               "nearest_weight": system.nearest_weight, "split_trained": system.split_trained,
                                "before_old_top1": mean_over(before_per_role, old),
                                "draws": args.draws, "enroll_s": enroll_s, "add_role_s": add_s,
                                "identify_images": n_rows,
                                "identify_s": identify_s, "by_weight": {}, "default_weight": default_w}
     table.append(["15-class model alone (before)", None, f"{results['before_old_top1']:.3f}", None])
-    for w in weights:
+    for w in ["database", "classifier", *weights]:
         new_top1, old_top1 = mean_over(by_w[w], new), mean_over(by_w[w], old)
-        label = {0.0: "database alone", 1.0: "classifier alone"}.get(w, f"combined w={w:g}")
-        if default_w is not None and abs(w - default_w) < 1e-9:
+        label = f"{w} alone" if isinstance(w, str) else f"identify, w={w:g}"
+        if not isinstance(w, str) and abs(w - default_w) < 1e-9:
             label += " (default)"
         table.append([label, f"{new_top1:.3f}", f"{old_top1:.3f}", f"{old_top1 - results['before_old_top1']:+.3f}"])
+        # keys: the weights, "database", "classifier"
         results["by_weight"][str(w)] = {"new_top1": new_top1, "old_top1": old_top1, "per_role": by_w[w],
                                         "new_top1_per_draw": [mean_over(d[w], new) for d in draws],
                                         "old_top1_per_draw": [mean_over(d[w], old) for d in draws]}
@@ -226,7 +229,7 @@ def main(argv=None) -> int:
                       "(goals: new >= 0.80, old drop <= 0.02)")
     print(f"add_new_role ({args.shots} images, after warm-up): median {statistics.median(add_s):.3f} s, "
           f"max {max(add_s):.3f} s (goal < 1 s); enrolment of the 15 old roles {enroll_s:.1f} s; "
-          f"identify {len(rows)} images in {identify_s:.1f} s")
+          f"embedding {n_rows} val images (decode + embed) took {identify_s:.1f} s")
     write_json(args.out, NAME, {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, results,
                machine_info("cpu"))
     return 0
