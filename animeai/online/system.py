@@ -166,7 +166,11 @@ class OnlineLearningSystem:
         self.split_trained = defaults["split_trained"] if split_trained is None else bool(split_trained)
         self.dim = self.embedder.dim  # raw features: head features, then (multiscale) the database descriptor
         self.model_hash = self._hash_for(embedding)
-        self._head_kind = ["trained"] * len(self.clf.class_names)  # "trained" | "imprinted" per class
+        # "trained" | "imprinted" per class; a model written by save_model lists its imprinted rows
+        online_meta = self.clf.meta.get("online")
+        imprinted = online_meta.get("imprinted") if isinstance(online_meta, dict) else None
+        imprinted = {n for n in imprinted if isinstance(n, str)} if isinstance(imprinted, list) else set()
+        self._head_kind = ["imprinted" if n in imprinted else "trained" for n in self.clf.class_names]
         self._history: list[dict[str, Any]] = []
         if is_database(self.db_path):
             self.db = FeatureDB.load(self.db_path, expect_dim=self.embedder.db_dim,

@@ -73,10 +73,11 @@ def embed_all(model_path, paths, stages, flip=False):
         batch = torch.stack([clf.transform(im) for im in ims])
         with torch.no_grad():
             pen.append(clf.embed(batch).numpy())
+        for i in stages:  # the hooks' outputs of that pass (the passes below run the blocks again)
+            st[i].append(caps[i].numpy())
+        with torch.no_grad():
             gems.append(gem(multiscale._maps(batch)[1][0]).numpy())
         descs.append(multiscale.split(multiscale(batch))[1])
-        for i in stages:
-            st[i].append(caps[i].numpy())
     for h in hooks:
         h.remove()
     st = {i: np.concatenate(v) for i, v in st.items()}
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
     cat_v = np.concatenate([l2(sv[i]) for i in args.stages], 1)
     k = (args.shots, args.draws)
     rows = {
-        "penultimate (stored by the system)": prototype_top1(xtr, ytr, xv, yv, new_ids, old_ids, *k),
+        "penultimate (the head's input; embedding=penultimate)": prototype_top1(xtr, ytr, xv, yv, new_ids, old_ids, *k),
         "+ flipped copy of each exemplar": prototype_top1(xtr, ytr, xv, yv, new_ids, old_ids, *k, extra=xflip),
         "centred on the old roles' mean (CL2N)": prototype_top1(xtr - mu, ytr, xv - mu, yv, new_ids, old_ids, *k),
         f"stages {args.stages} pooled, concatenated": prototype_top1(cat_tr, ytr, cat_v, yv, new_ids, old_ids, *k),
