@@ -102,3 +102,32 @@ def test_generator_trains_on_the_gpu(files):
     # The frozen networks (buffers included) live on the GPU with the models that train.
     assert all(t.is_cuda for t in list(task.detector.parameters()) + list(task.detector.buffers()))
     assert (out / "generated_images" / task.character / "samples_epoch_2.png").is_file()
+
+
+def test_online_system_on_the_gpu_matches_the_cpu(files):
+    """The online system on CUDA (multiscale embedding): enrol, add a role, identify; its raw features agree with
+    the CPU's for the same images and both give the same answers."""
+    pytest.importorskip("faiss")
+    import numpy as np
+
+    from animeai.online import OnlineLearningSystem
+
+    names = sorted(p.name for p in files["root"].iterdir() if p.is_dir())
+    enrol = files["tmp"] / "enrol"
+    for c in names[:2]:
+        (enrol / c).mkdir(parents=True, exist_ok=True)
+        for f in sorted((files["root"] / c).iterdir())[:8]:
+            if not (enrol / c / f.name).exists():
+                (enrol / c / f.name).symlink_to(f)
+    db = files["tmp"] / "online_db"
+    gpu = OnlineLearningSystem(files["detector"], db, data_root=enrol, device="cuda")
+    assert gpu.embedding == "multiscale" and gpu.clf.device.type == "cuda"
+    new = sorted((files["root"] / names[2]).iterdir())
+    gpu.add_new_role("新しい", new[:4])
+    probe = [p for c in names for p in sorted((files["root"] / c).iterdir())[-3:]]
+    cpu = OnlineLearningSystem(files["detector"], db, device="cpu")
+    a, b = gpu.embed(probe), cpu.embed(probe)
+    assert np.abs(a - b).max() <= 1e-2 * np.abs(b).max()  # TF32/cuDNN vs CPU arithmetic
+    sg, sc = gpu.scores(a)[0], cpu.scores(b)[0]
+    assert np.abs(sg - sc).max() < 0.05
+    assert np.mean(sg.argmax(1) == sc.argmax(1)) >= 8 / 9  # random weights: a near tie may flip
