@@ -227,13 +227,6 @@ class OnlineLearningSystem:
         v, n = db.vectors_of(role)
         return v * n[:, None]
 
-    def _stored_feats_of(self, role: int, db: FeatureDB) -> np.ndarray:
-        """Raw features (as :meth:`embed` gives them) of a role's stored exemplars."""
-        if not db.aux_dim:
-            return self._head_feats_of(role, db)
-        v, n = db.vectors_of(role)
-        return np.concatenate([db.aux_of(role), v * n[:, None]], axis=1)
-
     def _add_placeholder(self, db: FeatureDB, name: str, row: int, meta: dict[str, Any]) -> None:
         """A model class with no exemplars: its classifier weight row as prototype where the database embedding is
         the head's input, else a role known by name only (its database evidence is the classifier's anyway)."""

@@ -71,12 +71,12 @@ def embed_all(model_path, paths, stages, flip=False):
         if flip:
             ims = [ImageOps.mirror(im) for im in ims]
         batch = torch.stack([clf.transform(im) for im in ims])
-        with torch.no_grad():
-            pen.append(clf.embed(batch).numpy())
-        for i in stages:  # the hooks' outputs of that pass (the passes below run the blocks again)
+        with torch.no_grad():  # one pass: the penultimate features (= clf.embed) and the final map
+            head, maps = multiscale._maps(batch)
+        pen.append(head.float().numpy())
+        gems.append(gem(maps[0]).numpy())
+        for i in stages:  # the hooks' outputs of that pass (the mirrored pass below runs the blocks again)
             st[i].append(caps[i].numpy())
-        with torch.no_grad():
-            gems.append(gem(multiscale._maps(batch)[1][0]).numpy())
         descs.append(multiscale.split(multiscale(batch))[1])
     for h in hooks:
         h.remove()
