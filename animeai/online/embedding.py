@@ -18,8 +18,8 @@ Why: average pooling, what a classifier trained on a few characters pools with, 
 activations, the square root damps the few dominant channels, and earlier stages keep detail the last layers
 trained away. On holo20 (detector trained on 15 characters, 5 more added from 5 images each, nearest prototype
 over 10 draws): new-character top-1 0.677 with the penultimate features, 0.733 GeM, 0.790 GeM + square root,
-0.806 with the two stages added, 0.826 averaged with the mirror image
-(``tests/benchmarks/bench_fewshot_features.py``); the system's numbers are in the README.
+0.826 for this descriptor (``tests/benchmarks/bench_fewshot_features.py``; 0.806 with the two stages added but
+no mirror image, in a one-off analysis); the system's numbers are in the README.
 
 The system's raw feature vector (what :meth:`OnlineLearningSystem.embed` returns and ``identify_features``
 takes) is the head features followed by the descriptor; :meth:`Embedder.split` separates them.
@@ -43,6 +43,15 @@ def gem(x: torch.Tensor, p: float = GEM_P, eps: float = 1e-6) -> torch.Tensor:
     """Generalised-mean pooling of ``(n, c, h, w)`` maps over the positions: ``mean(x^p)^(1/p)`` (values clamped
     at ``eps``; p = 1 is average pooling, p -> infinity max pooling)."""
     return x.float().clamp(min=eps).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
+
+
+def recipe(kind: str, model: nn.Module) -> str:
+    """What ``kind`` computes for ``model``, as a string: it enters the database's model hash, so a database built
+    by another recipe is refused rather than searched with different vectors."""
+    if kind == "penultimate":
+        return "penultimate"
+    n = len(getattr(model, "blocks", ()))
+    return f"multiscale:gem{GEM_P:g}+sqrt+l2:final+stages{list(range(n - STAGES_FROM_END, n))}:flip-mean"
 
 
 def _power_l2(x: torch.Tensor) -> torch.Tensor:
@@ -71,9 +80,9 @@ class Embedder:
                 probe = torch.zeros(1, 3, 32, 32, device=clf.device)
                 widths = [m.shape[1] for m in self._maps(probe)[1]]
             self.db_dim = int(sum(widths))
-            self.recipe = f"multiscale:gem{GEM_P:g}+sqrt+l2:final+stages{self.stage_ids}:flip-mean"
         else:
-            self.stage_ids, self.db_dim, self.recipe = [], self.head_dim, "penultimate"
+            self.stage_ids, self.db_dim = [], self.head_dim
+        self.recipe = recipe(kind, model)
         self.dim = self.head_dim + (self.db_dim if kind == "multiscale" else 0)
 
     def _maps(self, batch: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -598,7 +598,8 @@ class FeatureDB:
         role_of = np.full(cap, -1, np.int32)
         role_of[: self._n] = self._role_of[: self._n]
         aux = np.zeros((cap if self.aux_dim else 0, self.aux_dim), np.float32)
-        aux[: len(self._aux[: self._n])] = self._aux[: self._n]
+        if self.aux_dim:
+            aux[: self._n] = self._aux[: self._n]
         self._vec, self._norm, self._role_of, self._aux = vec, norm, role_of, aux
 
     def check_name_free(self, name: str) -> None:

@@ -72,7 +72,7 @@ from animeai.data.images import ImageError, load_image
 from animeai.data.remote import is_url
 from animeai.inference import Classifier
 from animeai.models import get_model_spec
-from animeai.online.embedding import DEFAULT_EMBEDDING, EMBEDDINGS, Embedder
+from animeai.online.embedding import DEFAULT_EMBEDDING, EMBEDDINGS, Embedder, recipe
 from animeai.online.errors import FeatureDBError, OnlineError
 from animeai.online.feature_db import FeatureDB, RWLock, is_database, is_empty_location, read_current_manifest
 
@@ -195,7 +195,7 @@ class OnlineLearningSystem:
         penultimate hash is the backbone's alone, as before embeddings had names)."""
         if embedding == "penultimate":
             return self.backbone_hash
-        return hashlib.sha256(f"{self.backbone_hash}|{embedding}".encode()).hexdigest()
+        return hashlib.sha256(f"{self.backbone_hash}|{recipe(embedding, self.clf.model)}".encode()).hexdigest()
 
     def _database_embedding(self) -> str | None:
         """The embedding the database at ``feature_db_path`` was built with (by its model hash), if one fits."""
@@ -214,10 +214,10 @@ class OnlineLearningSystem:
         aux = self.embedder.head_dim if self.embedder.kind != "penultimate" else 0
         return FeatureDB(self.embedder.db_dim, self.model_hash, aux_dim=aux, **kwargs)
 
-    def _db_rows(self, feats: np.ndarray) -> dict[str, Any]:
+    def _db_rows(self, feats: np.ndarray, db: FeatureDB | None = None) -> dict[str, Any]:
         """``add``/``add_role`` arguments for raw features: the database embedding, and the head features as aux."""
         head, emb = self.embedder.split(feats)
-        return {"embeddings": emb, "aux": head if self.db.aux_dim else None}
+        return {"embeddings": emb, "aux": head if (db or self.db).aux_dim else None}
 
     def _head_feats_of(self, role: int, db: FeatureDB | None = None) -> np.ndarray:
         """Raw head features of a role's stored exemplars."""
@@ -291,8 +291,7 @@ class OnlineLearningSystem:
         for i, name in enumerate(self.clf.class_names):
             paths = by_class.get(unicodedata.normalize("NFC", name))
             if paths:
-                head, emb = self.embedder.split(self._embed(paths))
-                db.add_role(name, emb, aux=head if db.aux_dim else None, metadata={"source": f"folder:{root}"})
+                db.add_role(name, **self._db_rows(self._embed(paths), db), metadata={"source": f"folder:{root}"})
             else:
                 self._add_placeholder(db, name, i, {"source": "classifier_weights"})
         db.rebuild()
