@@ -477,8 +477,13 @@ def test_index_choice_and_device_rules():
     assert choose_index(1000, 512) == "Flat"
     assert choose_index(1_000_000, 512).startswith("IVF") and choose_index(1_000_000, 512).endswith(",Flat")
     big = choose_index(10_000_000, 512)
-    assert big.startswith("OPQ64_256,IVF16384_HNSW32,PQ64") and big.endswith("Refine(SQ8)")
-    assert choose_index(10_000_000, 512, "ivfpq") == "IVF16384_HNSW32,PQ64x4fsr,Refine(SQ8)"
+    assert big == "OPQ128_512,IVF16384_HNSW32,PQ128x4fsr,Refine(SQ8)"
+    assert choose_index(10_000_000, 512, "ivfpq") == "IVF16384_HNSW32,PQ128x4fsr,Refine(SQ8)"
+    # plain PQ needs a divisor of the dimension; OPQ rotates into 4m dimensions and needs none
+    assert choose_index(10_000_000, 1000, "ivfpq").startswith("IVF16384_HNSW32,PQ250x4fsr")
+    assert choose_index(10_000_000, 1001, "ivfpq").startswith("IVF16384_HNSW32,PQ143x4fsr")  # 1001 = 7 * 143
+    assert choose_index(10_000_000, 1001).startswith("OPQ250_1000,")
+    assert choose_index(10_000_000, 1792).startswith("OPQ448_1792,")  # the multiscale descriptor's dimension
     assert "HNSW" not in choose_index(1_000_000, 512, "ivfpq")  # below LARGE_NLIST: exact coarse assignment
     assert choose_index(5, 8, "HNSW16,Flat") == "HNSW16,Flat"
     assert faiss_device("auto") == "cpu" and faiss_device("cpu") == "cpu"

@@ -14,7 +14,8 @@
   prototype until exemplars come).
 * **Index kinds** (:func:`choose_index`): FAISS ``index_factory`` strings. ``auto`` picks exact ``Flat`` up to
   50k vectors, ``IVF<nlist>,Flat`` up to 2M, and above that ``OPQ<m>_<4m>,IVF<nlist>,PQ<m>x4fsr,Refine(SQ8)``
-  (compressed fast-scan codes, candidates re-ranked from 8-bit scalar codes). From ``LARGE_NLIST`` lists on
+  with ``m = dim/4`` (compressed fast-scan codes of half a byte per 4 dimensions, candidates re-ranked from 8-bit
+  scalar codes; ``OPQ128_512,...,PQ128x4fsr`` for 512-d). From ``LARGE_NLIST`` lists on
   (about 4M vectors) the IVF kinds assign vectors to lists through an HNSW graph over the centroids instead of
   comparing with every centroid (``IVF<nlist>_HNSW32``), and :func:`train_index` trains their k-means in two
   levels (``sqrt(nlist)`` coarse clusters, each split in proportion to its size): training 16,384 lists takes
@@ -125,10 +126,16 @@ def _nlist(n: int) -> int:
     return max(1, nlist)
 
 
-def _pq_m(dim: int) -> int:
-    """PQ sub-quantisers for compressed kinds: dim/8 (64 for 512-d), a divisor of the OPQ output dim."""
-    m = max(4, min(64, dim // 8))
-    return m - m % 4 or 4
+def _pq_m(dim: int, divides: bool = True) -> int:
+    """PQ sub-quantisers of the compressed kinds' first stage: dim/4 (128 for 512-d), 4 bits each, so the code is
+    1/8 of the 8-bit re-ranking code. With ``divides`` (plain PQ) the largest divisor of ``dim`` not above dim/4;
+    an OPQ kind rotates into ``4 * m`` dimensions and needs none. Measured against dim/8 (the rule before) on
+    embedding-like 512-d vectors, at equal recall: 1.4x the queries per second for PQ (1M and 10M), 1.1-1.3x for
+    OPQ (1M), for 32 more bytes a vector (README)."""
+    m = max(1, dim // 4)
+    while divides and dim % m:
+        m -= 1
+    return m
 
 
 def choose_index(n: int, dim: int, kind: str = "auto") -> str:
@@ -136,14 +143,14 @@ def choose_index(n: int, dim: int, kind: str = "auto") -> str:
     if kind == "auto":
         kind = "flat" if n <= FLAT_MAX else "ivf" if n <= IVF_FLAT_MAX else "opq"
     nlist = _nlist(n)
-    m = _pq_m(dim)
+    m, mo = _pq_m(dim), _pq_m(dim, divides=False)
     ivf = f"IVF{nlist}_HNSW32" if nlist >= LARGE_NLIST else f"IVF{nlist}"
     named = {
         "flat": "Flat",
         "ivf": f"{ivf},Flat",
         "hnsw": "HNSW32,Flat",
         "ivfpq": f"{ivf},PQ{m}x4fsr,Refine(SQ8)",
-        "opq": f"OPQ{m}_{4 * m},{ivf},PQ{m}x4fsr,Refine(SQ8)",
+        "opq": f"OPQ{mo}_{4 * mo},{ivf},PQ{mo}x4fsr,Refine(SQ8)",
     }
     return named.get(kind, kind)
 
