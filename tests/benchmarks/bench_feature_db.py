@@ -259,7 +259,7 @@ def candidate_recall(stage, queries: np.ndarray, truth: np.ndarray, k: int, k_fa
                             for s in range(0, len(queries), batch)])
     hit = to_gen[np.clip(found, 0, None)]
     hit[found < 0] = -1
-    return float(np.mean([len(set(h) & set(t)) / len(t) for h, t in zip(hit, truth)]))
+    return recall(hit, truth)
 
 
 def measure(index, queries: np.ndarray, k: int, batch: int) -> tuple[float, np.ndarray]:
@@ -272,8 +272,9 @@ def measure(index, queries: np.ndarray, k: int, batch: int) -> tuple[float, np.n
 
 
 def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    """The mean share of each query's exact top k (``truth``) among the ids it found (any number of columns)."""
     k = truth.shape[1]
-    return float(np.mean([len(set(f[:k]) & set(t)) / k for f, t in zip(found, truth)]))
+    return float(np.mean([len(set(f) & set(t)) / k for f, t in zip(found, truth)]))
 
 
 def main(argv=None) -> int:
