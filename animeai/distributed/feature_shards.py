@@ -137,11 +137,7 @@ class FeatureShard:
         return self.db.role_sums()
 
     def set_params(self, params: dict[str, int]) -> None:
-        from animeai.online.feature_db import apply_search_params
-
-        with self.db.lock.write():
-            self.db.params = SearchParams(**params)
-            apply_search_params(self.db._index, self.db.params, self.db.faiss)
+        self.db.set_params(SearchParams(**params))
 
     def save(self, folder: str) -> dict[str, Any]:
         gen = self.db.save(folder)

@@ -44,6 +44,11 @@
   hash-table direct map for that (reconstruction by id). Such a database starts with an exact ``Flat`` index and
   becomes its kind at the first :meth:`FeatureDB.rebuild`, trained on a sample of everything added by then (a
   kind trained on the first few vectors would clip later ones, and its codes are the only copy).
+* **The last re-ranking** (compressed ``Refine`` kinds on the CPU): a search takes ``fine_factor * k`` results
+  from the index (with as many first-stage candidates as ``k`` results would have had) and re-scores them finer,
+  keeping the best ``k``: from the kept vectors (exact), or, without them, from the 8-bit code plus ``fine_bits``
+  residual bits per dimension (:mod:`animeai.online.residual`, ``fine.npy``; 1 bit by default: 64 bytes a 512-d
+  vector, +12 % memory). At 10M the 8-bit code alone lost ~4 points of recall@10 that its candidates held (README).
 """
 
 from __future__ import annotations
@@ -68,6 +73,7 @@ from typing import Any
 import numpy as np
 
 from animeai.online.errors import FeatureDBError, OnlineError
+from animeai.online.residual import MAX_BITS, ResidualCodec
 
 FORMAT = "animeai.feature_db"
 FORMAT_VERSION = 1
@@ -76,6 +82,10 @@ MANIFEST = "manifest.json"
 _GEN_RE = re.compile(r"^gen-(\d{8})$")
 _FILES = ("index.faiss", "vectors.npy", "norms.npy", "vec_role.npy", "prototypes.npy", "roles.json")
 _AUX_FILE = "aux.npy"  # only in databases with auxiliary features (aux_dim > 0)
+_FINE_FILES = ("fine.npy", "fine_range.npy")  # only in databases with residual codes (see residual.py)
+FINE_BITS = 1  # residual bits per dimension of a compressed kind without kept vectors (README, "Measured")
+_FINE_TRAIN = 65_536  # vectors the residual ranges are learnt from
+_RESCORE_ROWS = 512  # results re-scored at a time in the last re-ranking (cache-sized blocks)
 FLAT_MAX = 50_000
 IVF_FLAT_MAX = 2_000_000
 LARGE_NLIST = 8192  # from here on: HNSW coarse quantizer and two-level k-means
@@ -230,11 +240,14 @@ def train_index(index, x: np.ndarray, faiss=None) -> None:
 
 @dataclass(frozen=True)
 class SearchParams:
-    """Search-time knobs: IVF lists probed, HNSW beam width, re-ranking candidates per result."""
+    """Search-time knobs: IVF lists probed, HNSW beam width, re-ranking candidates per result; for the compressed
+    (``Refine``) kinds, how many of the re-ranked results per result get the last, finer re-scoring (from the kept
+    vectors, or the 8-bit code plus the residual codes; 0 or 1: none)."""
 
     nprobe: int = 32
     ef_search: int = 128
     k_factor: int = 4
+    fine_factor: int = 2
 
 
 def _native_ids(spec: str) -> bool:
@@ -466,9 +479,16 @@ class FeatureDB:
     """Roles, their normalised exemplar embeddings and prototypes, and a FAISS index over the exemplars."""
 
     def __init__(self, dim: int, model_hash: str, *, index_kind: str = "auto", params: SearchParams | None = None,
-                 device: str = "auto", keep_vectors: bool = True, aux_dim: int = 0):
+                 device: str = "auto", keep_vectors: bool = True, aux_dim: int = 0, fine_bits: int = FINE_BITS):
         self.faiss = require_faiss()
         self.keep_vectors = bool(keep_vectors)
+        if not isinstance(fine_bits, int) or isinstance(fine_bits, bool) or not 0 <= fine_bits <= MAX_BITS:
+            raise OnlineError(f"fine_bits must be an integer from 0 to {MAX_BITS}, got {fine_bits!r}")
+        # residual codes for the last re-ranking of a compressed kind without kept vectors (0: none)
+        self.fine_bits = fine_bits
+        self._fine_codec: ResidualCodec | None = None  # trained when such a kind is trained
+        self._fine = np.zeros((0, 0), np.uint8)  # rows [0, _n): each vector's residual code
+        self._on_gpu = False
         if not isinstance(dim, int) or dim < 1:
             raise OnlineError(f"embedding dimension must be a positive integer, got {dim!r}")
         if not isinstance(aux_dim, int) or isinstance(aux_dim, bool) or aux_dim < 0:
@@ -550,9 +570,92 @@ class FeatureDB:
         index = self._cpu_index()
         for s in range(0, len(rows), _CHUNK):
             part = rows[s: s + _CHUNK].astype(np.int64)
-            out[s: s + len(part)] = index.reconstruct_batch(part)
+            out[s: s + len(part)] = self._reconstruct(index, part)
         out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         return out
+
+    def _reconstruct(self, index, ids: np.ndarray) -> np.ndarray:
+        """The vectors of ``ids`` from the index's codes, plus their residual codes when the database has them."""
+        out = index.reconstruct_batch(ids)
+        if self._fine_codec is not None:
+            out += self._fine_codec.decode(self._fine[ids])
+        return out
+
+    # ---------------------------------------------------------------- residual codes
+
+    def _fine_kind(self, spec: str) -> bool:
+        """Whether vectors of this kind get residual codes: a compressed (re-ranking) kind without kept vectors."""
+        return self.fine_bits > 0 and not self.keep_vectors and "Refine(" in spec
+
+    def _train_fine(self, index, spec: str, sample: np.ndarray) -> ResidualCodec | None:
+        """A residual codec for the trained, empty ``index``: the ranges of what its codes miss on ``sample``
+        (normalised), measured on a copy of the index holding part of the sample. ``None`` when the kind gets none."""
+        if not self._fine_kind(spec) or self._refine_parts(index) is None:
+            return None
+        part = np.ascontiguousarray(sample[:_FINE_TRAIN])
+        ids = np.arange(len(part), dtype=np.int64)
+        probe = self.faiss.clone_index(index)
+        with adding(probe, self.faiss):
+            probe.add_with_ids(part, ids)
+        codec = ResidualCodec(self.dim, self.fine_bits)
+        codec.train(part - probe.reconstruct_batch(ids))
+        return codec
+
+    def _fine_codes(self, index, codec: ResidualCodec, normed: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """The residual codes of ``normed``, just added to ``index`` under ``ids``."""
+        return codec.encode(normed - index.reconstruct_batch(ids))
+
+    def _refine_parts(self, index=None):
+        """``(id map, IndexRefine, its refine index)`` when ``index`` (default: the database's) is an ``IDMap2`` over
+        an ``IndexRefine`` whose refine index keeps plain codes (``SQ8``, ``Flat``): what the last re-ranking reads
+        the 8-bit codes from without a call per vector. ``None`` otherwise."""
+        node = self.faiss.downcast_index(index if index is not None else self._index)
+        if not isinstance(node, self.faiss.IndexIDMap2):
+            return None
+        refine = self.faiss.downcast_index(node.index)
+        if not isinstance(refine, self.faiss.IndexRefine):
+            return None
+        codes = self.faiss.downcast_index(refine.refine_index)
+        return (node, refine, codes) if isinstance(codes, self.faiss.IndexFlatCodes) else None
+
+    def _fine_ready(self) -> bool:
+        """Whether searches end with the finer re-scoring: a compressed kind on the CPU, with kept vectors or residual
+        codes, and a ``fine_factor`` above 1."""
+        if min(self.params.fine_factor, self.params.k_factor) <= 1 or self._on_gpu or "Refine(" not in self.index_spec:
+            return False
+        return self.keep_vectors or (self._fine_codec is not None and self._refine_parts() is not None)
+
+    def _fine_search(self, q: np.ndarray, more: int, k_factor: float) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores, ids)`` of the index's best ``more`` results of each query, re-scored from the kept vectors or
+        the 8-bit codes plus the residual codes, best first. The 8-bit codes and the id map are read in place
+        (views valid under the search lock: adds, which may move them, take the write lock); the work goes in
+        blocks of ``_RESCORE_ROWS`` results, small enough to stay in the CPU's cache. Callers hold the search
+        lock."""
+        sp = self.faiss.IndexRefineSearchParameters()
+        sp.k_factor = k_factor
+        labels = None
+        if self.keep_vectors:
+            ids = self._index.search(q, more, params=sp)[1]
+        else:
+            node, refine, sq = self._refine_parts()
+            labels = refine.search(q, more, params=sp)[1]  # positions inside the refine index
+            id_map = self.faiss.rev_swig_ptr(node.id_map.data(), node.id_map.size())
+            codes = self.faiss.rev_swig_ptr(sq.codes.data(), sq.codes.size()).reshape(-1, sq.code_size)
+            ids = np.where(labels >= 0, id_map[np.clip(labels, 0, None)], -1)
+        out = np.empty(ids.shape, np.float32)
+        per = max(1, _RESCORE_ROWS // more)
+        for s in range(0, len(q), per):
+            block = ids[s: s + per]
+            rows = np.clip(block, 0, None).ravel()
+            if labels is None:
+                vecs = self._vec[rows]
+            else:
+                vecs = sq.sa_decode(codes[np.clip(labels[s: s + per], 0, None).ravel()])
+                vecs += self._fine_codec.decode(self._fine[rows])
+            scores = np.matmul(vecs.reshape(*block.shape, self.dim), q[s: s + per, :, None])[..., 0]
+            out[s: s + per] = np.where(block >= 0, scores, -np.inf)
+        order = np.argsort(-out, axis=1, kind="stable")
+        return np.take_along_axis(out, order, 1), np.take_along_axis(ids, order, 1)
 
     def _new_index(self, spec: str):
         index = new_index(spec, self.dim, self.faiss)
@@ -565,6 +668,7 @@ class FeatureDB:
     # ---------------------------------------------------------------- index placement
 
     def _place(self, index):
+        self._on_gpu = False
         if self.device != "gpu":
             apply_search_params(index, self.params, self.faiss)
             return index
@@ -572,6 +676,7 @@ class FeatureDB:
             if self._gpu_res is None:
                 self._gpu_res = self.faiss.StandardGpuResources()
             index = self.faiss.index_cpu_to_gpu(self._gpu_res, 0, index)
+            self._on_gpu = True
         except RuntimeError as exc:  # a kind FAISS has no GPU version of (HNSW, refine): stay on the CPU
             warnings.warn(f"index kind {self.index_spec} stays on the CPU: {str(exc).strip().splitlines()[-1]}",
                           stacklevel=3)
@@ -607,6 +712,10 @@ class FeatureDB:
         aux = np.zeros((cap if self.aux_dim else 0, self.aux_dim), np.float32)
         if self.aux_dim:
             aux[: self._n] = self._aux[: self._n]
+        if self._fine_codec is not None:
+            fine = np.zeros((cap, self._fine_codec.code_size), np.uint8)
+            fine[: self._n] = self._fine[: self._n]
+            self._fine = fine
         self._vec, self._norm, self._role_of, self._aux = vec, norm, role_of, aux
 
     def check_name_free(self, name: str) -> None:
@@ -686,6 +795,8 @@ class FeatureDB:
             train_index(self._index, normed, self.faiss)
         with adding(self._index, self.faiss):
             self._index.add_with_ids(normed, ids)
+        if self._fine_codec is not None:
+            self._fine[ids] = self._fine_codes(self._index, self._fine_codec, normed, ids)
         if self.keep_vectors:
             self._vec[self._n: self._n + n] = normed
         self._norm[self._n: self._n + n] = norms
@@ -741,8 +852,14 @@ class FeatureDB:
             index = self._new_index(spec)
             if not index.is_trained:
                 train_index(index, normed, self.faiss)
+            self._fine_codec = self._train_fine(index, spec, normed)
+            self._fine = self._empty_fine(self._fine_codec)
             self.index_spec, self._index = spec, self._place(index)
             return spec
+
+    def _empty_fine(self, codec: ResidualCodec | None) -> np.ndarray:
+        """Zeroed residual codes for every row of the current capacity (none without a codec)."""
+        return np.zeros((len(self._norm), codec.code_size) if codec else (0, 0), np.uint8)
 
     def rebuild(self, kind: str | None = None) -> str:
         """Build a fresh index of ``kind`` (default: this database's kind, re-chosen for the current size) from the
@@ -753,19 +870,35 @@ class FeatureDB:
             live = np.nonzero(self._role_of[: self._n] >= 0)[0].astype(np.int64)
             spec = choose_index(len(live), self.dim, self.index_kind)
             index = self._new_index(spec)
+            codec = None
             if not index.is_trained and len(live):  # a random sample is enough to train (FAISS samples too)
                 sample = live if len(live) <= _TRAIN_MAX else np.sort(
                     np.random.default_rng(0).choice(live, _TRAIN_MAX, replace=False))
-                train_index(index, np.ascontiguousarray(self._rows(sample)), self.faiss)
+                normed = np.ascontiguousarray(self._rows(sample))
+                train_index(index, normed, self.faiss)
+                pick = np.random.default_rng(1).permutation(len(normed))[:_FINE_TRAIN]
+                codec = self._train_fine(index, spec, normed[pick])
+                del normed
+            codes = self._empty_fine(codec)
             for s in range(0, len(live), _CHUNK):  # never a copy of every vector at once
                 part = live[s: s + _CHUNK]
+                normed = np.ascontiguousarray(self._rows(part))  # from the old index (and codes)
                 with adding(index, self.faiss):
-                    index.add_with_ids(np.ascontiguousarray(self._rows(part)), part)
+                    index.add_with_ids(normed, part)
+                if codec is not None:
+                    codes[part] = self._fine_codes(index, codec, normed, part)
+            self._fine_codec, self._fine = codec, codes
             self.index_spec, self._tombstones = spec, 0
             self._index = self._place(index)
             return spec
 
     # ---------------------------------------------------------------- search
+
+    def set_params(self, params: SearchParams) -> None:
+        """Change the search-time knobs (applied to the index; kept in the next save)."""
+        with self.lock.write():
+            self.params = params
+            apply_search_params(self._index, params, self.faiss)
 
     def search(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """``(scores, roles)`` of the ``k`` nearest exemplars of each query (cosine; queries need not be normalised).
@@ -785,7 +918,13 @@ class FeatureDB:
             fetch = min(total, k + self._tombstones)
             if fetch == 0:
                 return out_s, out_i, out_r
-            scores, ids = self._index.search(q, fetch)
+            if self._fine_ready():  # more results from the index, re-scored finer; as many candidates as without
+                # (never more results than candidates: with k_factor below fine_factor, k_factor results a result)
+                more = min(total, min(self.params.fine_factor, self.params.k_factor) * k + self._tombstones)
+                scores, ids = self._fine_search(q, more, max(1.0, self.params.k_factor * fetch / more))
+                scores, ids = scores[:, :fetch], ids[:, :fetch]
+            else:
+                scores, ids = self._index.search(q, fetch)
             roles = np.where(ids >= 0, self._role_of[np.clip(ids, 0, None)], -1)
         if fetch == k and not self._tombstones:  # nothing to skip: the common case without a per-row loop
             ok = roles >= 0
@@ -861,6 +1000,10 @@ class FeatureDB:
         if self.aux_dim:
             _write_npy(folder / _AUX_FILE, self._aux[:n])
             files.append(_AUX_FILE)
+        if self._fine_codec is not None:
+            _write_npy(folder / _FINE_FILES[0], self._fine[:n])
+            _write_npy(folder / _FINE_FILES[1], self._fine_codec.ranges())
+            files.extend(_FINE_FILES)
         roles = [{**r, "fixed_prototype": bool(f)} for r, f in zip(self.roles, self._fixed)]
         _write_text(folder / "roles.json", json.dumps(roles, ensure_ascii=False, indent=1) + "\n")
         from animeai import __version__
@@ -870,9 +1013,10 @@ class FeatureDB:
             "metric": "inner_product", "index_kind": self.index_kind, "index_spec": self.index_spec,
             "num_roles": len(self.roles), "num_rows": n, "num_vectors": self.num_vectors,
             "keep_vectors": self.keep_vectors, "aux_dim": self.aux_dim,
+            "fine_bits": self.fine_bits, "fine_codes": self._fine_codec is not None,
             "tombstones": self._tombstones, "index_ntotal": int(self._index.ntotal),
             "search_params": {"nprobe": self.params.nprobe, "ef_search": self.params.ef_search,
-                              "k_factor": self.params.k_factor},
+                              "k_factor": self.params.k_factor, "fine_factor": self.params.fine_factor},
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "library_version": __version__,
             "files": {name: {"size": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
                       for name in files},
@@ -909,7 +1053,13 @@ class FeatureDB:
         aux_dim = manifest.get("aux_dim", 0)  # absent: a database from before auxiliary features
         if not isinstance(aux_dim, int) or isinstance(aux_dim, bool) or aux_dim < 0:
             raise FeatureDBError(f"{mpath}: damaged manifest: field 'aux_dim' is not an integer >= 0")
-        for name in (*_FILES, _AUX_FILE) if aux_dim else _FILES:
+        fine_bits = manifest.get("fine_bits", FINE_BITS)  # absent: a database from before residual codes
+        fine_codes = manifest.get("fine_codes", False)
+        if (not isinstance(fine_bits, int) or isinstance(fine_bits, bool) or not 0 <= fine_bits <= MAX_BITS
+                or not isinstance(fine_codes, bool) or (fine_codes and not fine_bits)):
+            raise FeatureDBError(f"{mpath}: damaged manifest: fields 'fine_bits' / 'fine_codes' are not an integer "
+                                 f"from 0 to {MAX_BITS} / true or false (true only with bits)")
+        for name in (*_FILES, *((_AUX_FILE,) if aux_dim else ()), *(_FINE_FILES if fine_codes else ())):
             f = folder / name
             info = manifest["files"].get(name)
             if not f.is_file():
@@ -921,18 +1071,27 @@ class FeatureDB:
             if verify and _sha256(f) != info.get("sha256"):
                 raise FeatureDBError(f"{f}: damaged: its SHA-256 differs from the manifest's")
         params = SearchParams(**{k: int(v) for k, v in manifest.get("search_params", {}).items()
-                                 if k in ("nprobe", "ef_search", "k_factor")})
+                                 if k in ("nprobe", "ef_search", "k_factor", "fine_factor")})
         keep = manifest.get("keep_vectors", True)
         if not isinstance(keep, bool):
             raise FeatureDBError(f"{mpath}: damaged manifest: field 'keep_vectors' is not true/false")
         db = cls(dim, manifest["model_hash"], index_kind=manifest["index_kind"], params=params, device=device,
-                 keep_vectors=keep, aux_dim=aux_dim)
+                 keep_vectors=keep, aux_dim=aux_dim, fine_bits=fine_bits)
         n = manifest["num_rows"]
         vec = _read_npy(folder / "vectors.npy", np.float32, (n if keep else 0, dim))
         norm = _read_npy(folder / "norms.npy", np.float32, (n,))
         role_of = _read_npy(folder / "vec_role.npy", np.int32, (n,))
         aux = _read_npy(folder / _AUX_FILE, np.float32, (n, aux_dim)) if aux_dim else np.zeros((0, 0), np.float32)
         protos = _read_npy(folder / "prototypes.npy", np.float32, (manifest["num_roles"], dim))
+        codec = None
+        if fine_codes:
+            codec = ResidualCodec(dim, fine_bits)
+            fine = _read_npy(folder / _FINE_FILES[0], np.uint8, (n, codec.code_size))
+            ranges = _read_npy(folder / _FINE_FILES[1], np.float32, (2, dim))
+            try:
+                codec = ResidualCodec(dim, fine_bits, ranges)
+            except FeatureDBError as exc:
+                raise FeatureDBError(f"{folder / _FINE_FILES[1]}: damaged: {exc}") from None
         try:
             roles = json.loads((folder / "roles.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
@@ -959,6 +1118,8 @@ class FeatureDB:
         db.roles = [{k: v for k, v in r.items() if k != "fixed_prototype"} for r in roles]
         db._fixed = np.array([bool(r.get("fixed_prototype", False)) for r in roles], bool)
         db._vec, db._norm, db._role_of, db._aux, db._n = vec, norm, role_of, aux, n
+        if codec is not None:
+            db._fine_codec, db._fine = codec, fine
         db._prototypes = protos
         db._counts = np.bincount(role_of[role_of >= 0], minlength=len(roles)).astype(np.int64)
         db._sums = np.zeros((len(roles), dim), np.float64)
@@ -983,7 +1144,7 @@ def _read_npy(path: Path, dtype, shape: tuple[int, ...]) -> np.ndarray:
         raise FeatureDBError(f"{path}: damaged: not a readable .npy array ({exc})") from None
     if arr.dtype != dtype or arr.shape != shape:
         raise FeatureDBError(f"{path}: damaged: holds {arr.dtype} {arr.shape}, expected {np.dtype(dtype)} {shape}")
-    return np.array(arr)  # writable, owned copy
+    return arr if arr.flags.writeable and arr.flags.owndata else np.array(arr)  # writable and owned (no second copy)
 
 
 def stored_files(path: str | Path) -> Sequence[str]:

@@ -16,6 +16,10 @@ machine is busy and the searches be timed later on a quiet one.
 For the re-ranking kinds (``...,Refine(SQ8)``) the column ``candidates_recall@10`` is the recall of the first
 stage's ``10 * k_factor`` candidates alone (measured after the timing, through the base index): the most an exact
 re-ranking could reach. The gap between it and ``recall@10`` is what the 8-bit re-ranking code loses.
+
+Through the database (``--through-db``) the re-ranking kinds end with the database's last, finer re-scoring of
+``fine_factor * 10`` results from the 8-bit code plus ``--fine-bits`` residual bits per dimension;
+``--fine-factors 1 2`` measures without it (1) and with it (2) side by side on the same database.
 """
 
 from __future__ import annotations
@@ -167,7 +171,8 @@ def build_db(kind: str, centers, args, faiss):
     from animeai.online.feature_db import FeatureDB, choose_index, is_database
 
     saved = args.index_dir / f"{kind}-featuredb" if args.index_dir else None
-    key = saved_key(args, choose_index(args.n, args.dim, kind), through_db=True)
+    extra = {"fine_bits": args.fine_bits} if args.fine_bits else {}  # (databases kept before residual codes: 0)
+    key = saved_key(args, choose_index(args.n, args.dim, kind), through_db=True, **extra)
     if saved is not None and is_database(saved):
         info = saved_info(saved, saved.parent / f"{saved.name}.json", key)
         rss0 = rss_mb()
@@ -179,7 +184,7 @@ def build_db(kind: str, centers, args, faiss):
         return db.index_spec, DBIndex(db, gen_index), info["build_s"], info["train_s"], rss_mb() - rss0
     rss0 = rss_mb()
     t0 = time.perf_counter()
-    db = FeatureDB(args.dim, "bench", index_kind=kind, keep_vectors=False, device="cpu")
+    db = FeatureDB(args.dim, "bench", index_kind=kind, keep_vectors=False, device="cpu", fine_bits=args.fine_bits)
     train = make_chunk(centers, 0, min(args.n, args.train_size), args.seed + 1, args.noise_model)
     spec = db.prepare(train, args.n)
     del train
@@ -227,12 +232,12 @@ def set_params(index, setting: dict, faiss) -> None:
     from animeai.online.feature_db import SearchParams, apply_search_params
 
     nprobe = setting.get("nprobe", 32)
+    params = SearchParams(nprobe=nprobe, ef_search=setting.get("ef_search", max(64, 2 * nprobe)),
+                          k_factor=setting.get("k_factor", 4), fine_factor=setting.get("fine_factor", 2))
     if isinstance(index, DBIndex):
-        index.db.params = SearchParams(nprobe=nprobe, ef_search=setting.get("ef_search", max(64, 2 * nprobe)),
-                                       k_factor=setting.get("k_factor", 4))
-        index = index.db._index
-    apply_search_params(index, SearchParams(nprobe=nprobe, ef_search=setting.get("ef_search", max(64, 2 * nprobe)),
-                                            k_factor=setting.get("k_factor", 4)), faiss)
+        index.db.set_params(params)
+    else:
+        apply_search_params(index, params, faiss)
 
 
 def first_stage(index, faiss):
@@ -301,6 +306,12 @@ def main(argv=None) -> int:
                    help="ivfpq/opq (or a Refine factory string): the nprobe values swept (default: 16 64)")
     p.add_argument("--k-factors", type=int, nargs="+", default=None,
                    help="ivfpq/opq: the re-ranking k_factor values swept (default: 16 32 64 128)")
+    p.add_argument("--fine-bits", type=int, default=None,
+                   help="with --through-db: residual bits per dimension for the last re-ranking (default: the "
+                        "database's, FINE_BITS; 0: none)")
+    p.add_argument("--fine-factors", type=int, nargs="+", default=None,
+                   help="with --through-db, re-ranking kinds: the fine_factor values swept (default: the database's "
+                        "default; 1: no last re-scoring)")
     p.add_argument("--through-db", action="store_true",
                    help="build and search through animeai's FeatureDB (keep_vectors=False, prepare() then one role "
                    "per cluster) instead of the bare FAISS index: the product's memory and QPS")
@@ -309,7 +320,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=Path("bench-results/bench_feature_db.json"))
     args = p.parse_args(argv)
 
-    from animeai.online.feature_db import require_faiss
+    from animeai.online.feature_db import FINE_BITS, SearchParams, require_faiss
+
+    if args.fine_bits is None:
+        args.fine_bits = FINE_BITS
 
     faiss = require_faiss()
     if args.threads:
@@ -348,6 +362,9 @@ def main(argv=None) -> int:
         if (kind in ("ivfpq", "opq") or "Refine" in kind) and (args.nprobes or args.k_factors):
             sweep = [{"nprobe": p, "k_factor": f} for p in (args.nprobes or [16, 64])
                      for f in (args.k_factors or [16, 32, 64, 128])]
+        if args.through_db and "k_factor" in sweep[0]:
+            sweep = [{**s, "fine_factor": ff} for s in sweep
+                     for ff in (args.fine_factors or [SearchParams.fine_factor])]
         stage = first_stage(index, faiss)
         for setting in sweep:
             if setting:
