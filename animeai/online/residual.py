@@ -49,7 +49,7 @@ class ResidualCodec:
         self._centre0 = lo + 0.5 * self._step  # the first cell's centre
 
     def ranges(self) -> np.ndarray:
-        """``(2, dim)`` float32: the low and high ends per dimension (what :meth:`train` learnt; saved with the codes)."""
+        """``(2, dim)`` float32: the low and high ends per dimension (learnt by :meth:`train`, saved with the codes)."""
         return np.stack([self._lo, self._hi]).astype(np.float32)
 
     def train(self, residuals: np.ndarray) -> None:
