@@ -157,3 +157,47 @@ def test_fine_bits_is_checked():
     for bad in (-1, 9, True, "1"):
         with pytest.raises(OnlineError, match="fine_bits must be an integer from 0 to 8"):
             FeatureDB(DIM, "h", fine_bits=bad)
+
+
+def test_concurrent_add_and_search_with_residual_codes():
+    """Adds move the 8-bit codes, the id map and the residual codes (growth) while searches read them in place:
+    the database's lock keeps every search consistent."""
+    import threading
+
+    data, q = _clusters(seed=3)
+    db = _build(data)
+    db.set_params(SearchParams(nprobe=16, k_factor=8, fine_factor=2))
+    rng = np.random.default_rng(4)
+    batches = [(data[i % len(data)][:50] + 0.002 * rng.normal(size=(50, DIM))).astype(np.float32) for i in range(40)]
+    probe = np.concatenate([d[:2] for d in data])  # stored vectors: each is its own best match
+    errors, stop = [], threading.Event()
+
+    def searcher():
+        try:
+            while not stop.is_set():
+                s, ids, roles = db.search_vectors(probe, 5)
+                assert np.isfinite(s).all() and (np.diff(s, axis=1) <= 1e-6).all()  # best first
+                assert (ids >= 0).all() and (roles >= 0).all()
+                assert (s[:, 0] > 0.98).all()  # a stored vector (or its near twin) comes first
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    def adder(part):
+        try:
+            for i in part:
+                db.add(i % len(data), batches[i])
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    searchers = [threading.Thread(target=searcher) for _ in range(3)]
+    adders = [threading.Thread(target=adder, args=(range(k, 40, 2),)) for k in range(2)]
+    for t in searchers + adders:
+        t.start()
+    for t in adders:
+        t.join()
+    stop.set()
+    for t in searchers:
+        t.join()
+    assert not errors, errors[:3]
+    assert db.num_vectors == db.ntotal == sum(map(len, data)) + 40 * 50
+    assert db._fine.shape[0] >= db.num_rows and db._fine[db.num_rows - 50: db.num_rows].any()
