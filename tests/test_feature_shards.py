@@ -3,6 +3,7 @@ as one exact index, adds routed by id, roles consistent on every shard, save -> 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ ray = pytest.importorskip("ray")
 
 from animeai.distributed.feature_shards import ShardedFeatureDB, ShardError, merge_topk  # noqa: E402
 from animeai.online.errors import FeatureDBError, OnlineError  # noqa: E402
-from animeai.online.feature_db import FeatureDB  # noqa: E402
+from animeai.online.feature_db import FeatureDB, SearchParams  # noqa: E402
 
 DIM = 16
 
@@ -62,6 +63,9 @@ def test_same_topk_as_one_flat_index(pair):
 def test_shards_hold_slices_by_id_modulo(pair):
     _, sharded = pair
     info = sharded.shard_info()
+    params = SearchParams(nprobe=7, ef_search=33, k_factor=9, fine_factor=3)  # every knob reaches every shard
+    sharded.set_params(params)
+    assert [i["params"] for i in sharded.shard_info()] == [dataclasses.asdict(params)] * 2
     assert [i["num_rows"] for i in info] == [31, 30]  # ids 0..60: even on shard 0, odd on shard 1
     assert len({i["pid"] for i in info}) == 2 and sharded.num_vectors == 61 and sharded.num_rows == 61
     assert sharded.shard_of(np.array([0, 1, 60])).tolist() == [0, 1, 0]

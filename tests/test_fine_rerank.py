@@ -201,3 +201,23 @@ def test_concurrent_add_and_search_with_residual_codes():
     assert not errors, errors[:3]
     assert db.num_vectors == db.ntotal == sum(map(len, data)) + 40 * 50
     assert db._fine.shape[0] >= db.num_rows and db._fine[db.num_rows - 50: db.num_rows].any()
+
+
+def test_database_from_before_residual_codes_loads(tmp_path):
+    """A database saved before residual codes existed (no such manifest fields or files) opens as it was: no codes,
+    the 8-bit ranking; its next rebuild gives it codes."""
+    data, q = _clusters(seed=5)
+    db = _build(data, fine_bits=0)
+    gen = db.save(tmp_path / "db")
+    manifest = json.loads((gen / "manifest.json").read_text())
+    for key in ("fine_bits", "fine_codes"):
+        del manifest[key]
+    del manifest["search_params"]["fine_factor"]
+    (gen / "manifest.json").write_text(json.dumps(manifest))
+    old = FeatureDB.load(tmp_path / "db")
+    assert old._fine_codec is None and old.params.fine_factor == SearchParams.fine_factor
+    db.set_params(old.params)
+    for a, b in zip(db.search_vectors(q, 10), old.search_vectors(q, 10)):
+        np.testing.assert_array_equal(a, b)
+    old.rebuild()
+    assert old._fine_codec is not None and old._fine.shape[1] == DIM // 8

@@ -41,6 +41,7 @@ for one slice of the vectors, and the driver-side object offers the database's A
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -112,7 +113,7 @@ class FeatureShard:
         return {"shard": self.shard, "pid": os.getpid(), "dim": db.dim, "model_hash": db.model_hash,
                 "index_kind": db.index_kind, "index_spec": db.index_spec, "num_rows": db.num_rows,
                 "num_vectors": db.num_vectors, "ntotal": db.ntotal, "roles": db.roles,
-                "threads": self.threads, "keep_vectors": db.keep_vectors}
+                "threads": self.threads, "keep_vectors": db.keep_vectors, "params": dataclasses.asdict(db.params)}
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return self.db.search_vectors(queries, k)
@@ -191,7 +192,7 @@ class ShardedFeatureDB:
             ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
         params = params or SearchParams()
         threads = threads if threads is not None else max(1, int(num_cpus))
-        pdict = {"nprobe": params.nprobe, "ef_search": params.ef_search, "k_factor": params.k_factor}
+        pdict = dataclasses.asdict(params)
         remote = ray.remote(FeatureShard).options(num_cpus=num_cpus, max_concurrency=max_concurrency,
                                                   **(actor_options or {}))
         actors = [remote.remote(i, num_shards, dim, model_hash, kind, pdict, threads,
@@ -447,9 +448,8 @@ class ShardedFeatureDB:
             return specs
 
     def set_params(self, params: SearchParams) -> None:
-        """Search-time knobs (nprobe, efSearch, re-ranking k_factor) on every shard."""
-        p = {"nprobe": params.nprobe, "ef_search": params.ef_search, "k_factor": params.k_factor}
-        self._all([a.set_params.remote(p) for a in self.actors], "set search parameters")
+        """Search-time knobs (nprobe, efSearch, re-ranking k_factor, fine_factor) on every shard."""
+        self._all([a.set_params.remote(dataclasses.asdict(params)) for a in self.actors], "set search parameters")
         self.params = params
 
     # ---------------------------------------------------------------- persistence

@@ -246,7 +246,7 @@ class SearchParams:
 
     nprobe: int = 32
     ef_search: int = 128
-    k_factor: int = 4
+    k_factor: int = 48  # 10M x 512, the default kind, loaded: recall@10 0.955 at 2,500-3,800 QPS on 2 cores (README)
     fine_factor: int = 2
 
 

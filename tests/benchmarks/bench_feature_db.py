@@ -233,7 +233,8 @@ def set_params(index, setting: dict, faiss) -> None:
 
     nprobe = setting.get("nprobe", 32)
     params = SearchParams(nprobe=nprobe, ef_search=setting.get("ef_search", max(64, 2 * nprobe)),
-                          k_factor=setting.get("k_factor", 4), fine_factor=setting.get("fine_factor", 2))
+                          k_factor=setting.get("k_factor", SearchParams.k_factor),
+                          fine_factor=setting.get("fine_factor", SearchParams.fine_factor))
     if isinstance(index, DBIndex):
         index.db.set_params(params)
     else:
