@@ -589,10 +589,13 @@ class FeatureDB:
 
     def _train_fine(self, index, spec: str, sample: np.ndarray) -> ResidualCodec | None:
         """A residual codec for the trained, empty ``index``: the ranges of what its codes miss on ``sample``
-        (normalised), measured on a copy of the index holding part of the sample. ``None`` when the kind gets none."""
+        (normalised), measured on a copy of the index holding a random part of the sample. ``None`` when the kind
+        gets none."""
         if not self._fine_kind(spec) or self._refine_parts(index) is None:
             return None
-        part = np.ascontiguousarray(sample[:_FINE_TRAIN])
+        if len(sample) > _FINE_TRAIN:
+            sample = sample[np.sort(np.random.default_rng(1).choice(len(sample), _FINE_TRAIN, replace=False))]
+        part = np.ascontiguousarray(sample)
         ids = np.arange(len(part), dtype=np.int64)
         probe = self.faiss.clone_index(index)
         with adding(probe, self.faiss):
@@ -876,8 +879,7 @@ class FeatureDB:
                     np.random.default_rng(0).choice(live, _TRAIN_MAX, replace=False))
                 normed = np.ascontiguousarray(self._rows(sample))
                 train_index(index, normed, self.faiss)
-                pick = np.random.default_rng(1).permutation(len(normed))[:_FINE_TRAIN]
-                codec = self._train_fine(index, spec, normed[pick])
+                codec = self._train_fine(index, spec, normed)
                 del normed
             codes = self._empty_fine(codec)
             for s in range(0, len(live), _CHUNK):  # never a copy of every vector at once
@@ -1085,13 +1087,12 @@ class FeatureDB:
         protos = _read_npy(folder / "prototypes.npy", np.float32, (manifest["num_roles"], dim))
         codec = None
         if fine_codes:
-            codec = ResidualCodec(dim, fine_bits)
-            fine = _read_npy(folder / _FINE_FILES[0], np.uint8, (n, codec.code_size))
             ranges = _read_npy(folder / _FINE_FILES[1], np.float32, (2, dim))
             try:
                 codec = ResidualCodec(dim, fine_bits, ranges)
             except FeatureDBError as exc:
                 raise FeatureDBError(f"{folder / _FINE_FILES[1]}: damaged: {exc}") from None
+            fine = _read_npy(folder / _FINE_FILES[0], np.uint8, (n, codec.code_size))
         try:
             roles = json.loads((folder / "roles.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
