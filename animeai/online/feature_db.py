@@ -40,7 +40,7 @@
 * **Memory at scale** (``keep_vectors=False``): by default the normalised vectors are kept next to the index
   (4 bytes per dimension per vector: 20 GB for 10M x 512). Without them the index is the only copy: the vectors a
   replay, a rebuild or :meth:`FeatureDB.vectors_of` needs are reconstructed from it (exact for ``Flat``/``IVF,Flat``,
-  8-bit precise for the ``Refine(SQ8)`` kinds), so a 10M x 512 ``ivfpq`` database holds ~6 GB. IVF kinds get a
+  8-bit plus residual bits for the ``Refine(SQ8)`` kinds), so a 10M x 512 ``opq`` database holds ~7 GB. IVF kinds get a
   hash-table direct map for that (reconstruction by id). Such a database starts with an exact ``Flat`` index and
   becomes its kind at the first :meth:`FeatureDB.rebuild`, trained on a sample of everything added by then (a
   kind trained on the first few vectors would clip later ones, and its codes are the only copy).
