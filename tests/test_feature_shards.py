@@ -242,3 +242,28 @@ def test_cli_split_info_search(local_ray, tmp_path, capsys):
     assert [[m["role"] for m in row] for row in found] == [[src.role_names()[x] for x in row] for row in r]
     assert main(["shards", "search", "--db", str(tmp_path / "db"), "--queries", str(tmp_path / "q.npy")]) == 2
     assert "not a sharded feature database" in capsys.readouterr().err
+
+
+def test_compressed_shards_end_with_the_finer_reranking(local_ray):
+    """Shards of a compressed kind without kept vectors each keep residual codes for their slice; the merged top-k
+    is re-scored from them as one database's is (scores closer to the exact cosine with fine_factor 2)."""
+    dim, rng = 64, np.random.default_rng(7)
+    centres = rng.normal(size=(8, dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    data = [(c + 0.012 * rng.normal(size=(400, dim))).astype(np.float32) for c in centres]
+    q = (centres[rng.integers(0, 8, 40)] + 0.012 * rng.normal(size=(40, dim))).astype(np.float32)
+    x = np.concatenate(data)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    with ShardedFeatureDB.start(2, dim, "h", kind="IVF16,PQ16x4fsr,Refine(SQ8)", num_cpus=0.5,
+                                keep_vectors=False) as db:
+        for r, part in enumerate(data):
+            db.add_role(f"r{r}", part)
+        db.rebuild()
+        errors = []
+        for fine_factor in (1, 2):
+            db.set_params(SearchParams(nprobe=16, k_factor=40, fine_factor=fine_factor))
+            s, ids, _ = db.search_vectors(q, 10)
+            assert (ids >= 0).all()
+            errors.append(np.abs(s - np.einsum("qd,qkd->qk", qn, x[ids])).mean())
+        assert errors[1] < 0.7 * errors[0], errors
