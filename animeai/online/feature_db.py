@@ -66,7 +66,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -1017,8 +1017,7 @@ class FeatureDB:
             "keep_vectors": self.keep_vectors, "aux_dim": self.aux_dim,
             "fine_bits": self.fine_bits, "fine_codes": self._fine_codec is not None,
             "tombstones": self._tombstones, "index_ntotal": int(self._index.ntotal),
-            "search_params": {"nprobe": self.params.nprobe, "ef_search": self.params.ef_search,
-                              "k_factor": self.params.k_factor, "fine_factor": self.params.fine_factor},
+            "search_params": asdict(self.params),
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "library_version": __version__,
             "files": {name: {"size": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
                       for name in files},
@@ -1073,7 +1072,7 @@ class FeatureDB:
             if verify and _sha256(f) != info.get("sha256"):
                 raise FeatureDBError(f"{f}: damaged: its SHA-256 differs from the manifest's")
         params = SearchParams(**{k: int(v) for k, v in manifest.get("search_params", {}).items()
-                                 if k in ("nprobe", "ef_search", "k_factor", "fine_factor")})
+                                 if k in {f.name for f in fields(SearchParams)}})
         keep = manifest.get("keep_vectors", True)
         if not isinstance(keep, bool):
             raise FeatureDBError(f"{mpath}: damaged manifest: field 'keep_vectors' is not true/false")

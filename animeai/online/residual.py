@@ -34,10 +34,6 @@ class ResidualCodec:
         if ranges is not None:
             self._set_ranges(np.asarray(ranges))
 
-    @property
-    def is_trained(self) -> bool:
-        return self._lo is not None
-
     def _set_ranges(self, ranges: np.ndarray) -> None:
         if ranges.shape != (2, self.dim) or ranges.dtype != np.float32:
             raise FeatureDBError(f"residual ranges of {ranges.dtype} {ranges.shape}, expected float32 (2, {self.dim})")
