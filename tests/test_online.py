@@ -163,7 +163,8 @@ def test_combination_beats_each_alone(world, tmp_path):
 def test_prototype_only_database_evidence(world, tmp_path):
     """knn=0: the database evidence is the softmax of the prototype cosines alone (no exemplar search), so a role's
     score does not grow with its number of exemplars."""
-    ol = OnlineLearningSystem(world["model"], tmp_path / "db", data_root=world["old_train"], knn=0)
+    ol = OnlineLearningSystem(world["model"], tmp_path / "db", data_root=world["old_train"], knn=0, whiten=False)
+    assert ol.score_rule == {"whitened": False, "temperature": 0.04, "trained_margin": 0.0}  # the plain rule
     ol.add_new_role(world["new"][0], imgs(world, world["new"][0], n=4))
     feats = ol.embed(imgs(world, world["new"][0], "val", 3))
     _, p_clf, p_db = ol.scores(feats)
@@ -171,9 +172,9 @@ def test_prototype_only_database_evidence(world, tmp_path):
     emb = ol.embedder.split(feats)[1]  # the database's part of the raw features
     cos = (emb / np.linalg.norm(emb, axis=1, keepdims=True)) @ (
         protos / np.linalg.norm(protos, axis=1, keepdims=True)).T
-    z = np.exp((cos - cos.max(axis=1, keepdims=True)) / ol.temperature)
+    z = np.exp((cos - cos.max(axis=1, keepdims=True)) / 0.04)
     np.testing.assert_allclose(p_db, z / z.sum(axis=1, keepdims=True), rtol=1e-4, atol=1e-6)
-    with_knn = OnlineLearningSystem(world["model"], tmp_path / "db")  # same database, the default exemplar search
+    with_knn = OnlineLearningSystem(world["model"], tmp_path / "db", whiten=False)  # the default exemplar search
     assert not np.allclose(with_knn.scores(feats)[2], p_db)
     for bad in (-1, 1.5, True):
         with pytest.raises(OnlineError, match="knn"):
@@ -731,3 +732,111 @@ def test_trained_rows_split_the_trained_roles_share(world, tmp_path):
     np.testing.assert_allclose(comb[:, OLD], p_db[:, OLD], rtol=1e-6)  # the added role: the database's evidence
     plain = OnlineLearningSystem(world["model"], tmp_path / "db", split_trained=False)
     np.testing.assert_allclose(plain.scores(feats)[0], p_db, rtol=1e-6)  # w = 0 without the split: the database
+
+
+# ------------------------------------------------------------------------------------------ whitened database evidence
+
+
+def test_learnt_whitening_separates_unseen_classes():
+    """Classes whose members vary most along a few shared directions (pose, colour ...): a whitening learnt on some
+    classes damps those directions, so nearest-prototype top-1 on *other* classes (5 shots) rises; it maps the
+    learning classes' within-class covariance close to isotropic."""
+    from animeai.online.embedding import learn_whitening
+
+    rng = np.random.default_rng(0)
+    d, nuisance = 64, 6
+    basis = np.linalg.qr(rng.normal(size=(d, d)))[0]
+    scales = np.full(d, 0.05)
+    scales[:nuisance] = 1.0  # a few strong directions of within-class variation, shared by every class
+
+    def classes(k, n):
+        centres = rng.normal(size=(k, d)) * 0.15
+        return [c + (rng.normal(size=(n, d)) * scales) @ basis.T for c in centres]
+
+    def l2(x):
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    learn = classes(10, 100)
+    white = learn_whitening(learn)
+    assert white is not None
+    def spread(x):  # largest over smallest variance of the within-class covariance
+        ev = np.linalg.eigvalsh(x.T @ x / len(x))
+        return ev.max() / ev.min()
+
+    within = np.concatenate([g - g.mean(0) for g in learn])
+    assert spread(within @ white.proj) < spread(within) / 8  # ~400 before (halfway shrunk: not to 1)
+
+    def top1(transform):
+        hits = []
+        for _ in range(5):
+            unseen = classes(5, 45)
+            shots = [transform(g[:5]) for g in unseen]
+            protos = l2(np.stack([s.sum(0) for s in shots]))
+            for i, g in enumerate(unseen):
+                hits += list((transform(g[5:]) @ protos.T).argmax(1) == i)
+        return float(np.mean(hits))
+
+    plain, whitened = top1(l2), top1(white)
+    print(plain, whitened)
+    assert whitened > plain + 0.1, (plain, whitened)
+    # what cannot give a whitening
+    assert learn_whitening([learn[0]]) is None  # one class
+    assert learn_whitening([g[:1] for g in learn]) is None  # one vector a class
+    assert learn_whitening([np.ones((3, d)), np.ones((3, d))]) is None  # no variance
+
+
+def test_whitened_database_evidence(world, tmp_path, monkeypatch):
+    """The default rule: cosines in the whitening learnt from the trained roles' exemplars, the trained roles'
+    lowered by the margin, softmax at T; FAISS's candidates re-scored in that space. Learnt again when a trained
+    role's exemplars change, not when a role is added online; gone (plain cosines, T 0.04, no margin) when there are
+    no trained exemplars to learn it from."""
+    from animeai.online import system
+    from animeai.online.embedding import learn_whitening
+
+    ol = OnlineLearningSystem(world["model"], tmp_path / "db", data_root=world["old_train"], knn=0)
+    assert ol.whitening is None  # 24 trained exemplars: too few for a 1,792-d covariance (plain cosines)
+    monkeypatch.setattr(system, "WHITEN_MIN", 0.0)  # this test's world is tiny: learn it anyway
+    ol = OnlineLearningSystem(world["model"], tmp_path / "db", knn=0)
+    white = ol.whitening
+    assert ol.whiten and white is not None and (ol.temperature, ol.trained_margin) == (0.02, 0.05)
+    ref = learn_whitening([ol.db.vectors_of(r)[0] for r in range(OLD)])  # every exemplar: fewer than 256 a role
+    np.testing.assert_allclose(white.proj, ref.proj, rtol=1e-4, atol=1e-4)
+    ol.add_new_role(world["new"][0], imgs(world, world["new"][0], n=4))
+    assert ol.whitening is white  # adding a role online keeps it
+    feats = ol.embed([p for c in world["old"] + world["new"][:1] for p in imgs(world, c, "val", 2)])
+    emb = ol.embedder.split(feats)[1]
+    protos = np.stack([ol.db.vectors_of(r)[0].mean(0) for r in range(OLD + 1)])
+
+    def expected(w, margin, temperature):
+        cos = w(emb) @ w(protos / np.linalg.norm(protos, axis=1, keepdims=True)).T
+        cos[:, :OLD] -= margin
+        z = np.exp((cos - cos.max(axis=1, keepdims=True)) / temperature)
+        return z / z.sum(axis=1, keepdims=True)
+
+    np.testing.assert_allclose(ol.scores(feats)[2], expected(white, 0.05, 0.02), rtol=1e-3, atol=1e-6)
+    # the nearest exemplars FAISS retrieves are re-scored in the whitened space
+    knn = OnlineLearningSystem(world["model"], tmp_path / "db", knn=3)
+    s, ids, roles = knn.db.search_vectors(emb, 3)
+    q = white(emb)
+    sim = q @ white(knn.db.prototypes()).T
+    best = sim.copy()
+    for i in range(len(q)):
+        for j, r in zip(ids[i], roles[i]):
+            best[i, r] = max(best[i, r], float(white(knn.db.vectors([j]))[0] @ q[i]))
+    sim = 0.5 * sim + 0.5 * best
+    sim[:, :OLD] -= 0.05
+    z = np.exp((sim - sim.max(axis=1, keepdims=True)) / 0.02)
+    np.testing.assert_allclose(knn.scores(feats)[2], z / z.sum(axis=1, keepdims=True), rtol=1e-3, atol=1e-6)
+    # more exemplars of a trained role: learnt again
+    ol.add_images(world["old"][0], imgs(world, world["old"][0], "val", 2))
+    assert ol.whitening is not white
+    # a database without trained exemplars: plain cosines with the plain rule
+    bare = OnlineLearningSystem(world["model"], tmp_path / "bare")
+    bare.add_new_role(world["new"][0], imgs(world, world["new"][0], n=4))
+    assert bare.score_rule == {"whitened": False, "temperature": 0.04, "trained_margin": 0.0}
+    given = OnlineLearningSystem(world["model"], tmp_path / "bare", temperature=0.1, trained_margin=0.2)
+    assert given.score_rule == {"whitened": False, "temperature": 0.1, "trained_margin": 0.2}
+    assert ol.score_rule == {"whitened": True, "temperature": 0.02, "trained_margin": 0.05}
+    for bad in (-0.1, 3.0):
+        with pytest.raises(OnlineError, match="trained_margin"):
+            OnlineLearningSystem(world["model"], tmp_path / "db", trained_margin=bad)

@@ -547,11 +547,22 @@ class FeatureDB:
     def prototypes(self) -> np.ndarray:
         return self._prototypes.copy()
 
-    def vectors_of(self, role: int) -> tuple[np.ndarray, np.ndarray]:
-        """(normalised vectors, norms) of a role's exemplars: ``vectors * norms[:, None]`` are the raw features."""
+    def vectors_of(self, role: int, sample: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(normalised vectors, norms) of a role's exemplars: ``vectors * norms[:, None]`` are the raw features.
+        ``sample``: at most that many of them, a fixed random choice (in id order), read without the others."""
         with self._search_lock():  # reconstruction reads the index: like a search
             rows = np.nonzero(self._role_of[: self._n] == role)[0]
+            if sample is not None and len(rows) > sample:
+                rows = np.sort(np.random.default_rng(0).choice(rows, sample, replace=False))
             return self._rows(rows), self._norm[rows]  # both fresh arrays (fancy indexing copies)
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """The normalised vectors of vector ids (as :meth:`search_vectors` returns them), ``(len(ids), dim)``."""
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        with self._search_lock():
+            if len(ids) and (ids.min() < 0 or ids.max() >= self._n or (self._role_of[ids] < 0).any()):
+                raise FeatureDBError("vectors: an id is not a live vector of this database")
+            return self._rows(ids)
 
     def aux_of(self, role: int) -> np.ndarray:
         """The auxiliary features (``aux_dim`` wide, as given to :meth:`add`) of a role's exemplars, in the order of
