@@ -825,6 +825,9 @@ def test_whitened_database_evidence(world, tmp_path, monkeypatch):
             best[i, r] = max(best[i, r], float(white(knn.db.vectors([j]))[0] @ q[i]))
     sim = 0.5 * sim + 0.5 * best
     sim[:, :OLD] -= 0.05
+    for bad in ([-1], [knn.db.num_rows]):
+        with pytest.raises(FeatureDBError, match="not a live vector"):
+            knn.db.vectors(bad)
     z = np.exp((sim - sim.max(axis=1, keepdims=True)) / 0.02)
     np.testing.assert_allclose(knn.scores(feats)[2], z / z.sum(axis=1, keepdims=True), rtol=1e-3, atol=1e-6)
     # more exemplars of a trained role: learnt again
