@@ -8,7 +8,8 @@ Reports (issue 13's goals in brackets):
 * the same top-1 for the classifier alone, the database (nearest neighbours) alone and identify's ranking
   (``OnlineLearningSystem.scores``) at several classifier weights, all from one embedding pass;
 * each over ``--draws`` draws of the shots (default 3), added to the same 15-role system in turn;
-* the time of ``add_new_role`` (decode, embed, insert, extend the classifier, save) after warm-up (< 1 s).
+* the time of ``add_new_role`` (decode, embed, insert, extend the classifier, save) after warm-up (< 1 s);
+* what identify's scoring costs (embedded images, no decoding), with the rule in use and with plain cosines.
 
 The 15-class detector is trained with the shipped recipe (``animeai/configs/holo20_lite0.yaml``) on a folder of
 links to the 15 characters, under ``--work`` (default ``runs/bench_online_holo20``, git-ignored), and reused when
@@ -237,9 +238,32 @@ def main(argv=None) -> int:
     print(f"add_new_role ({args.shots} images, after warm-up): median {statistics.median(add_s):.3f} s, "
           f"max {max(add_s):.3f} s (goal < 1 s); enrolment of the 15 old roles {enroll_s:.1f} s; "
           f"embedding {n_rows} val images (decode + embed) took {identify_s:.1f} s")
+    # What the rule costs: scoring embedded images (no decoding or embedding) with the rule in use and with plain
+    # cosines (whiten=False, the same database), one query at a time and in batches of 200, side by side.
+    plain = OnlineLearningSystem(model_path=detector["model"], feature_db_path=db, device="cpu", whiten=False,
+                                 **({} if args.knn is None else {"knn": args.knn}))
+    cost = {}
+    for label, s in (("rule in use", system), ("plain cosines", plain)):
+        cost[label] = {bs: scoring_ms(s, feats[: 200 if not args.quick else 8], bs) for bs in (1, 200)}
+    results["scoring_ms_per_image"] = cost
+    print_table(["scoring (per image)", "one at a time", "batches of 200"],
+                [[k, f"{v[1]:.2f} ms", f"{v[200]:.3f} ms"] for k, v in cost.items()],
+                title=f"{NAME}: identify's scoring alone, {system.score_rule} vs plain cosines "
+                      f"(decode + embed: {1e3 * identify_s / n_rows:.1f} ms an image in batches)")
     write_json(args.out, NAME, {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, results,
                machine_info("cpu"))
     return 0
+
+
+def scoring_ms(system, feats, batch: int, seconds: float = 2.0) -> float:
+    """Milliseconds an image of ``system.scores`` over ``feats`` in batches of ``batch``, repeated for ``seconds``."""
+    system.scores(feats[:batch])  # warm-up: caches (whitened prototypes)
+    t0, reps = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds or reps == 0:
+        for i in range(0, len(feats), batch):
+            system.scores(feats[i: i + batch])
+        reps += 1
+    return 1e3 * (time.perf_counter() - t0) / (reps * len(feats))
 
 
 if __name__ == "__main__":
