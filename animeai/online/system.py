@@ -105,8 +105,8 @@ SCORE_DEFAULTS = {
     "penultimate": {"classifier_weight": 0.25, "temperature": 0.02, "nearest_weight": 1.0, "split_trained": False,
                     "whiten": False, "trained_margin": 0.0},
 }
-# multiscale while no whitening can be learnt (fewer than 2 trained roles with 2+ stored exemplars): the rule of
-# plain cosines (session 8), unless temperature / trained_margin were given
+# multiscale without a whitening (switched off, or too few trained exemplars to learn one: see WHITEN_MIN): the
+# rule of plain cosines (session 8), unless temperature / trained_margin were given
 PLAIN_SCORE_DEFAULTS = {"temperature": 0.04, "trained_margin": 0.0}
 WHITEN_SAMPLE = 50_000  # at most this many stored exemplars of the trained roles learn the whitening ...
 WHITEN_PER_ROLE = 256  # ... and at most this many of each role
