@@ -247,8 +247,12 @@ class OnlineLearningSystem:
     def score_rule(self) -> dict[str, Any]:
         """The database rule in use now: ``{"whitened", "temperature", "trained_margin"}``."""
         white = self.whitening
-        t, m = (self.temperature, self.trained_margin) if white is not None else self._plain_rule
+        t, m = self._rule(white)
         return {"whitened": white is not None, "temperature": t, "trained_margin": m}
+
+    def _rule(self, white: Whitening | None) -> tuple[float, float]:
+        """(temperature, trained_margin) of the space the database is scored in."""
+        return (self.temperature, self.trained_margin) if white is not None else self._plain_rule
 
     @property
     def head(self) -> nn.Linear:
@@ -722,11 +726,9 @@ class OnlineLearningSystem:
         white = self._whitening()
         if white is None:
             q, sim = emb, self.db.prototype_scores(emb)
-            temperature, margin = self._plain_rule
         else:
             q = white(emb)
             sim = q @ self._whitened_prototypes(white).T
-            temperature, margin = self.temperature, self.trained_margin
         if self.knn > 0 and self.nearest_weight > 0:
             nn_s, nn_i, nn_r = self.db.search_vectors(emb, min(self.knn, max(self.db.num_vectors, 1)))
             found = nn_r >= 0
@@ -738,7 +740,7 @@ class OnlineLearningSystem:
             best = sim.copy()  # per role: the best of its prototype and its retrieved exemplars
             np.maximum.at(best, (rows, nn_r[found]), nn_s[found].astype(best.dtype))
             sim = (1 - self.nearest_weight) * sim + self.nearest_weight * best
-        return sim, temperature, margin
+        return (sim, *self._rule(white))
 
     def _whitening(self) -> Whitening | None:
         """The whitening learnt from the trained roles' stored exemplars (module docstring), recomputed when they
@@ -762,7 +764,7 @@ class OnlineLearningSystem:
         """Every role's prototype (its mean exemplar direction) whitened, ``(roles, db_dim)``; cached until a role's
         exemplars change. Roles without exemplars get zeros (the scores never use their similarity)."""
         counts = self.db.role_counts()
-        key = (self._white_key, self._db_version, tuple(counts))
+        key = (self._white_key, tuple(counts))  # the whitening's key holds the database version
         cached = self._white_protos
         if cached is not None and cached[0] == key:
             return cached[1]

@@ -241,7 +241,7 @@ def main(argv=None) -> int:
     # What the rule costs: scoring embedded images (no decoding or embedding) with the rule in use and with plain
     # cosines (whiten=False, the same database), one query at a time and in batches of 200, side by side.
     plain = OnlineLearningSystem(model_path=detector["model"], feature_db_path=db, device="cpu", whiten=False,
-                                 **({} if args.knn is None else {"knn": args.knn}))
+                                 knn=system.knn)
     cost = {}
     for label, s in (("rule in use", system), ("plain cosines", plain)):
         cost[label] = {bs: scoring_ms(s, feats[: 200 if not args.quick else 8], bs) for bs in (1, 200)}
